@@ -1,0 +1,25 @@
+"""Attacks: one module per family, each class registered in :data:`ATTACKS`.
+
+``get_attack(name, **params)`` builds one; ``attack.poison(train, seed)``
+returns ``(poisoned_set, Poisoning)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, Trigger, n_poison
+from poisonlab.attacks import badnets, label_flip  # noqa: F401  (registration)
+from poisonlab.attacks.badnets import BadNets, PatchTrigger
+from poisonlab.attacks.label_flip import RandomLabelFlip
+
+
+def get_attack(name: str, **params: Any) -> Attack:
+    """Build the registered attack ``name`` with ``params`` (validated)."""
+    attack = ATTACKS.build(name, **params)
+    attack.registry_name = name
+    return attack
+
+
+__all__ = ["ATTACKS", "Attack", "AttackContext", "Poisoning", "Trigger", "get_attack", "n_poison", "BadNets",
+           "PatchTrigger", "RandomLabelFlip"]

@@ -1,0 +1,109 @@
+"""The ``poisonlab`` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from poisonlab.errors import PoisonlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Training-data poisoning of image classifiers: attack, train, defend, measure.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="experiment config (.toml or .yaml)"),
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="output directory"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where datasets live (else $POISONLAB_DATA, cache)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Run an experiment: clean baseline, one model per attack, each defence; write results to OUT."""
+    from poisonlab.experiments import load_config, run_experiment
+
+    try:
+        cfg = load_config(config)
+        rows = run_experiment(cfg, out, str(data_dir) if data_dir else None, progress=not quiet,
+                              log=lambda s: console.print(s, highlight=False))
+    except PoisonlabError as e:
+        _fail(e)
+    _summary(rows)
+    console.print(f"results: {out / 'results.csv'}  (per-run JSON in {out / 'runs'}, plots in {out / 'plots'})")
+
+
+def _summary(rows: list[dict]) -> None:
+    cols = ["attack", "defense", "seed", "clean_acc", "macro_f1", "asr", "robust_acc", "der", "det_f1",
+            "train_seconds"]
+    cols = [c for c in cols if any(isinstance(r.get(c), (int, float, str)) and r.get(c) == r.get(c)
+                                   and r.get(c) is not None for r in rows)]
+    t = Table(title="results")
+    for c in cols:
+        t.add_column(c, justify="right" if c not in ("attack", "defense") else "left")
+    for r in rows:
+        t.add_row(*[_cell(r.get(c)) for c in cols])
+    console.print(t)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "-" if v != v else f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List datasets, models (with parameter counts), attacks and defences with their defaults."""
+    from poisonlab.attacks import ATTACKS
+    from poisonlab.data import DATASETS
+    from poisonlab.defenses import DEFENSES
+    from poisonlab.models import MODEL_NOTES, MODELS, build_model, count_parameters
+
+    t = Table(title="datasets")
+    t.add_column("name")
+    t.add_column("description")
+    for k, v in DATASETS.items():
+        t.add_row(k, v)
+    console.print(t)
+    t = Table(title="models (parameters on 32x32x3, 10 classes; mnist_cnn on 28x28x1)")
+    for c in ("name", "parameters", "description"):
+        t.add_column(c)
+    for name in MODELS.names():
+        shape = (1, 28) if name == "mnist_cnn" else (3, 32)
+        m = build_model(name, shape[0], 10, shape[1])
+        t.add_row(name, f"{count_parameters(m):,}", MODEL_NOTES.get(name, ""))
+    console.print(t)
+    for title, reg in (("attacks", ATTACKS), ("defenses", DEFENSES)):
+        t = Table(title=title)
+        for c in ("name", "kind", "parameters (defaults)", "summary"):
+            t.add_column(c)
+        for name in reg.names():
+            obj = reg.get(name)
+            kind = getattr(obj, "family", None) or getattr(obj, "kind", "")
+            doc = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+            params = ", ".join(f"{k}={v!r}" for k, v in reg.defaults(name).items())
+            t.add_row(name, str(kind), params, doc)
+        console.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except PoisonlabError as e:  # pragma: no cover - safety net for commands without their own handler
+        err_console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Defences, registered in :data:`DEFENSES`; see :mod:`poisonlab.defenses.base` for the interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Filter, FilterOutput
+
+
+def get_defense(name: str, **params: Any) -> Defense:
+    """Build the registered defence ``name`` with ``params`` (validated)."""
+    d = DEFENSES.build(name, **params)
+    d.registry_name = name
+    return d
+
+
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseResult", "Filter", "FilterOutput", "get_defense"]

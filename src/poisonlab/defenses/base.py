@@ -1,0 +1,157 @@
+"""The defence interface.
+
+Defences act at one of four places (``Defense.kind``):
+
+- ``filter``: score every training sample, drop the suspicious ones, retrain
+  (sub-class :class:`Filter` and implement :meth:`Filter.score`);
+- ``training``: change how the model is trained (augmentation, reweighting, ensembles);
+- ``repair``: change a trained model using a small trusted clean set;
+- ``detection``: flag triggered inputs at test time (the model is unchanged).
+
+Every defence gets a :class:`DefenseContext` and returns a
+:class:`DefenseResult` whose ``model`` the runner evaluates like any other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+from torch import nn
+
+from poisonlab.attacks.base import Poisoning
+from poisonlab.data.imageset import ImageSet
+from poisonlab.registry import Registry
+
+
+@dataclass
+class DefenseContext:
+    """Everything a defence may use.
+
+    Attributes:
+        train: the (possibly poisoned) training set, as the defender sees it.
+        model: the model trained on ``train`` with the run's recipe.
+        test: the test set (for evaluation inside detection defences only).
+        clean_set: a small trusted clean set (``clean_fraction`` of the
+            training data, disjoint from the poisoned indices).
+        train_model: ``train_model(imageset, sample_weight=None, **recipe_overrides) -> model``,
+            the run's own training loop, for retraining.
+        poisoning: the attack's record. Ground truth: used for metrics only,
+            a defence must not read it to make decisions.
+        seed: the run's seed.
+        cache: per-poisoned-set shared values (features, cross-validated
+            probabilities), so that filters compute them once.
+    """
+
+    train: ImageSet
+    model: nn.Module
+    test: ImageSet
+    train_model: Callable[..., nn.Module]
+    clean_set: ImageSet | None = None
+    poisoning: Poisoning | None = None
+    seed: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False
+
+    def features(self) -> np.ndarray:
+        """Penultimate features of ``model`` on ``train``, computed once."""
+        if "features" not in self.cache:
+            from poisonlab.training.loop import extract_features
+
+            self.cache["features"] = extract_features(self.model, self.train)
+        return self.cache["features"]
+
+    def pred_probs(self) -> np.ndarray:
+        """``model``'s (in-sample) class probabilities on ``train``, computed once."""
+        if "pred_probs" not in self.cache:
+            from poisonlab.training.loop import predict_proba
+
+            self.cache["pred_probs"] = predict_proba(self.model, self.train)
+        return self.cache["pred_probs"]
+
+    def cv_pred_probs(self, folds: int = 5) -> np.ndarray:
+        """Out-of-sample probabilities on ``train`` from ``folds``-fold cross-validation, computed once."""
+        key = f"cv_pred_probs_{folds}"
+        if key not in self.cache:
+            from sklearn.model_selection import StratifiedKFold
+
+            from poisonlab.training.loop import predict_proba
+
+            probs = np.zeros((len(self.train), self.train.num_classes), dtype=np.float32)
+            skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed)
+            for tr, te in skf.split(np.zeros(len(self.train)), self.train.labels):
+                m = self.train_model(self.train.subset(tr))
+                probs[te] = predict_proba(m, self.train.subset(te))
+            self.cache[key] = probs
+        return self.cache[key]
+
+
+@dataclass
+class DefenseResult:
+    """A defence's output: the model to evaluate, and metrics of its own (detection, timing ...)."""
+
+    model: nn.Module
+    metrics: dict[str, Any] = field(default_factory=dict)
+    kept: np.ndarray | None = None  # filters: boolean mask of kept training samples
+    scores: np.ndarray | None = None  # filters: suspicion score per training sample
+
+
+class Defense:
+    """Base class of every defence."""
+
+    kind: ClassVar[str] = "training"
+    retrains: ClassVar[bool] = False  # True if run() trains a new model
+    registry_name: ClassVar[str] = ""
+
+    def params(self) -> dict[str, Any]:
+        import inspect
+
+        sig = inspect.signature(type(self).__init__)
+        return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
+
+    def run(self, ctx: DefenseContext) -> DefenseResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class FilterOutput:
+    """Suspicion score per training sample (higher = more suspicious) and the drop decision."""
+
+    scores: np.ndarray
+    flagged: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Filter(Defense):
+    """A data filter: :meth:`score` the training set, drop the flagged samples, retrain."""
+
+    kind = "filter"
+    retrains = True
+
+    def score(self, ctx: DefenseContext) -> FilterOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, ctx: DefenseContext) -> DefenseResult:
+        from poisonlab.metrics import detection_metrics
+
+        t0 = time.perf_counter()
+        out = self.score(ctx)
+        t_score = time.perf_counter() - t0
+        flagged = np.asarray(out.flagged, dtype=bool)
+        keep = ~flagged
+        if keep.sum() == 0:
+            raise ValueError(f"{self.registry_name} flagged every training sample; nothing left to train on")
+        t1 = time.perf_counter()
+        model = ctx.train_model(ctx.train.subset(np.nonzero(keep)[0]))
+        metrics: dict[str, Any] = {"filter_seconds": t_score, "retrain_seconds": time.perf_counter() - t1,
+                                   "removed_per_class": np.bincount(ctx.train.labels[flagged],
+                                                                    minlength=ctx.train.num_classes).tolist(),
+                                   **out.info}
+        if ctx.poisoning is not None:
+            metrics.update(detection_metrics(ctx.poisoning.poison_mask(len(ctx.train)), flagged, out.scores))
+        return DefenseResult(model=model, metrics=metrics, kept=keep, scores=np.asarray(out.scores))
+
+
+DEFENSES: Registry[Defense] = Registry("defense")

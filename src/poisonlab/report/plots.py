@@ -1,0 +1,86 @@
+"""Matplotlib figures written by every run (PNG, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from poisonlab.utils import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig: "plt.Figure", path: str | os.PathLike[str]) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def plot_history(history: Sequence[dict], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Loss and accuracy per epoch (train, and validation when present)."""
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a1.plot(ep, [h["loss"] for h in history], label="train")
+    a2.plot(ep, [h["acc"] for h in history], label="train")
+    if history and "val_loss" in history[0]:
+        a1.plot(ep, [h["val_loss"] for h in history], label="validation")
+        a2.plot(ep, [h["val_acc"] for h in history], label="validation")
+    a1.set(xlabel="epoch", ylabel="loss")
+    a2.set(xlabel="epoch", ylabel="accuracy")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Row-normalised confusion matrix with counts."""
+    cm = np.asarray(cm)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(0.55 * k + 2, 0.55 * k + 1.5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _save(fig, path)
+
+
+def plot_examples(clean: np.ndarray, poisoned: np.ndarray, path: str | os.PathLike[str],
+                  labels_before: Sequence[str] | None = None, labels_after: Sequence[str] | None = None,
+                  title: str = "", n: int = 8) -> Path:
+    """Clean vs poisoned images side by side, with the difference amplified to full range."""
+    n = min(n, len(clean))
+    fig, axes = plt.subplots(3, n, figsize=(1.4 * n, 4.6), squeeze=False)
+    for i in range(n):
+        c, p = clean[i].astype(np.float32) / 255, poisoned[i].astype(np.float32) / 255
+        d = np.abs(p - c)
+        d = d / d.max() if d.max() > 0 else d
+        for row, img in enumerate((c, p, d)):
+            ax = axes[row, i]
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if labels_before is not None:
+            axes[0, i].set_title(str(labels_before[i]), fontsize=7)
+        if labels_after is not None:
+            axes[1, i].set_title(str(labels_after[i]), fontsize=7)
+    for row, name in enumerate(("clean", "poisoned", "|diff| (amplified)")):
+        axes[row, 0].set_ylabel(name, fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from poisonlab.models import build_model
+from poisonlab.training import TrainConfig, fit, predict_proba
+from poisonlab.training.augment import augment_batch, random_crop
+from poisonlab.utils import load_state_dict, save_state_dict
+from poisonlab.errors import DataError
+
+
+def _train(digits, seed, **kw):
+    tr, te = digits
+    torch.manual_seed(seed)
+    m = build_model("fastnet", 1, 10, 8)
+    h = fit(m, tr, TrainConfig(epochs=kw.pop("epochs", 4), batch_size=64, **kw), seed=seed)
+    return m, h
+
+
+def test_fit_learns_and_repeats(digits):
+    tr, te = digits
+    m1, h1 = _train(digits, 0)
+    m2, h2 = _train(digits, 0)
+    acc = (predict_proba(m1, te).argmax(1) == te.labels).mean()
+    assert acc > 0.85
+    assert h1[-1]["loss"] == pytest.approx(h2[-1]["loss"], rel=1e-5)
+    assert h1[-1]["loss"] < h1[0]["loss"]
+
+
+def test_validation_plateau_and_early_stopping(digits):
+    _, h = _train(digits, 0, epochs=30, val_fraction=0.2, schedule="plateau", early_stopping_patience=2,
+                  early_stopping_metric="val_acc", optimizer="adam", lr=1e-3)
+    assert "val_acc" in h[0]
+    assert len(h) < 30 and h[-1].get("stopped_early")
+
+
+def test_config_validation_names_field():
+    with pytest.raises(Exception, match="lr"):
+        TrainConfig(lr=-1)
+    with pytest.raises(Exception, match="val_fraction"):
+        TrainConfig(schedule="plateau")
+    with pytest.raises(Exception, match="extra"):
+        TrainConfig(epochz=3)
+
+
+def test_sample_weights_zero_drops_samples(digits):
+    tr, te = digits
+    w = (tr.labels != 3).astype(np.float32)  # never learn class 3
+    torch.manual_seed(0)
+    m = build_model("fastnet", 1, 10, 8)
+    fit(m, tr, TrainConfig(epochs=4, batch_size=64), sample_weight=w)
+    pred = predict_proba(m, te).argmax(1)
+    assert (pred[te.labels == 3] == 3).mean() < 0.2
+    assert (pred[te.labels != 3] == te.labels[te.labels != 3]).mean() > 0.8
+
+
+def test_augmentations_batched():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    y = augment_batch(x, crop_padding=4, flip=True, brightness=0.2, contrast=0.2, gen=g)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    # a crop is a shifted copy: the centre region of some image appears shifted
+    z = random_crop(x, 2, torch.Generator().manual_seed(1))
+    assert z.shape == x.shape
+    assert any(torch.equal(z[0, :, 2:30, 2:30], x[0, :, 2 + dy:30 + dy, 2 + dx:30 + dx])
+               for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+def test_checkpoint_round_trip_and_refuses_code(tmp_path, digits):
+    m, _ = _train(digits, 0, epochs=1)
+    save_state_dict(m, tmp_path / "m.pt")
+    m2 = build_model("fastnet", 1, 10, 8)
+    m2.load_state_dict(load_state_dict(tmp_path / "m.pt"))
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(m.eval()(x), m2.eval()(x))
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo pwned",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match="not a safe poisonlab checkpoint"):
+        load_state_dict(tmp_path / "evil.pt")
