@@ -9,9 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, Trigger, n_poison
-from poisonlab.attacks import badnets, label_flip  # noqa: F401  (registration)
 from poisonlab.attacks.badnets import BadNets, PatchTrigger
 from poisonlab.attacks.label_flip import RandomLabelFlip
+from poisonlab.plugins import import_submodules as _import_submodules
+import sys as _sys
+
+# every module in this package registers its attacks on import
+_import_submodules(_sys.modules[__name__])
 
 
 def get_attack(name: str, **params: Any) -> Attack:
