@@ -97,6 +97,21 @@ def list_cmd() -> None:
         console.print(t)
 
 
+def _register_commands() -> None:
+    """Each module in ``poisonlab.commands`` adds its commands with ``register(app)``."""
+    import importlib
+    import pkgutil
+
+    import poisonlab.commands as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}").register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app()

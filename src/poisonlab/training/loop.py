@@ -99,6 +99,7 @@ def fit(
     device: torch.device | str | None = None,
     progress: bool = False,
     description: str = "train",
+    freeze_body: bool = False,
 ) -> list[dict]:
     """Train ``model`` in place on ``train``.
 
@@ -111,6 +112,8 @@ def fit(
         sample_weight: optional non-negative weight per training sample
             (0 drops a sample); the loss is the weighted mean.
         seed: seeds initial shuffling and augmentation, so runs repeat.
+        freeze_body: train only ``model.head``; the feature extractor keeps its
+            weights and batch-norm statistics (transfer learning, as in Poison Frogs).
 
     Returns:
         Per-epoch history: dicts with ``epoch, loss, acc, lr, seconds`` and,
@@ -132,6 +135,9 @@ def fit(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
+    if freeze_body:
+        for p in model.body.parameters():
+            p.requires_grad_(False)
     opt = _make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -146,6 +152,8 @@ def fit(
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
+        if freeze_body:
+            model.body.eval()
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
         for idx in _batches(len(train), cfg.batch_size, gen, shuffle=True):
             idx = idx.to(device)

@@ -1,0 +1,1 @@
+"""Extra ``poisonlab`` sub-commands: each module defines ``register(app: typer.Typer) -> None``."""
