@@ -2,9 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# On a shared, oversubscribed machine OpenMP threads that spin while waiting slow everyone down.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+_cpus = os.cpu_count() or 1
+_busy = os.getloadavg()[0] > 1.5 * _cpus
+torch.set_num_threads(1 if _busy else max(1, min(2, _cpus)))
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("POISONLAB_TEST_DATA", REPO.parent / "shared" / "data"))
