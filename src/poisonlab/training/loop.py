@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -100,6 +100,7 @@ def fit(
     progress: bool = False,
     description: str = "train",
     freeze_body: bool = False,
+    epoch_callback: Callable[[dict, nn.Module], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``train``.
 
@@ -114,6 +115,8 @@ def fit(
         seed: seeds initial shuffling and augmentation, so runs repeat.
         freeze_body: train only ``model.head``; the feature extractor keeps its
             weights and batch-norm statistics (transfer learning, as in Poison Frogs).
+        epoch_callback: called as ``epoch_callback(record, model)`` after each epoch
+            (benchmarks use it to evaluate on the way).
 
     Returns:
         Per-epoch history: dicts with ``epoch, loss, acc, lr, seconds`` and,
@@ -135,6 +138,10 @@ def fit(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
+    if getattr(model, "needs_data_init", False) and not freeze_body:
+        # data-dependent initialisation (e.g. FastNet's whitened stem) from a fixed sample of the training set
+        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:5000]
+        model.data_init(x_all[sample.to(device)].float().div(255))
     if freeze_body:
         for p in model.body.parameters():
             p.requires_grad_(False)
@@ -197,6 +204,8 @@ def fit(
                     bad_epochs += 1
         rec["seconds"] = time.perf_counter() - t0
         history.append(rec)
+        if epoch_callback is not None:
+            epoch_callback(rec, model)
         if bar is not None:
             bar.update(bar.task_ids[0], advance=1, info=_fmt(rec))
         if cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience:
