@@ -7,10 +7,12 @@ on the device in one go. Everything a recipe needs is a field of
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
 import time
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -60,6 +62,25 @@ class TrainConfig(BaseModel):
         return self
 
 
+BatchWeightFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``fn(model, x, y) -> (B,)`` non-negative per-sample weights for one (augmented) training batch."""
+
+# Lets a caller that only reaches fit() through someone else's trainer (a defence calling the
+# runner's ctx.train_model) install a batch weight function without threading a new argument through.
+_BATCH_WEIGHT_FN: contextvars.ContextVar[BatchWeightFn | None] = contextvars.ContextVar("batch_weight_fn",
+                                                                                       default=None)
+
+
+@contextlib.contextmanager
+def batch_weighting(fn: BatchWeightFn) -> Iterator[None]:
+    """Within this block, every :func:`fit` without its own ``batch_weight_fn`` uses ``fn``."""
+    token = _BATCH_WEIGHT_FN.set(fn)
+    try:
+        yield
+    finally:
+        _BATCH_WEIGHT_FN.reset(token)
+
+
 def _batches(n: int, batch_size: int, gen: torch.Generator | None, shuffle: bool):
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):
@@ -101,6 +122,7 @@ def fit(
     description: str = "train",
     freeze_body: bool = False,
     epoch_callback: Callable[[dict, nn.Module], None] | None = None,
+    batch_weight_fn: BatchWeightFn | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``train``.
 
@@ -115,6 +137,9 @@ def fit(
         seed: seeds initial shuffling and augmentation, so runs repeat.
         freeze_body: train only ``model.head``; the feature extractor keeps its
             weights and batch-norm statistics (transfer learning, as in Poison Frogs).
+        batch_weight_fn: ``fn(model, x, y) -> (B,)`` weights computed per batch during
+            training (e.g. learning-to-reweight); multiplied with ``sample_weight``.
+            Defaults to the one installed by :func:`batch_weighting`, if any.
         epoch_callback: called as ``epoch_callback(record, model)`` after each epoch
             (benchmarks use it to evaluate on the way).
 
@@ -123,6 +148,7 @@ def fit(
         with validation, ``val_loss, val_acc``.
     """
     cfg = cfg or TrainConfig()
+    batch_weight_fn = batch_weight_fn or _BATCH_WEIGHT_FN.get()
     device = torch.device(device) if device else next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float32)
@@ -176,8 +202,11 @@ def fit(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(x)
             losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
-            if w_all is not None:
-                w = w_all[idx]
+            w = w_all[idx] if w_all is not None else None
+            if batch_weight_fn is not None:
+                bw = batch_weight_fn(model, x, y).detach().float()
+                w = bw if w is None else w * bw
+            if w is not None:
                 loss = (losses * w).sum() / w.sum().clamp_min(1e-12)
             else:
                 loss = losses.mean()
