@@ -14,7 +14,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,9 +22,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from poisonlab.attacks import AttackContext, get_attack
-from poisonlab.data import ImageSet
+from poisonlab.data import ImageSet, load_dataset
 from poisonlab.experiments.config import DatasetConfig
-from poisonlab.experiments.runner import Data, channel_stats, load_data
 from poisonlab.federated.malicious import DATA_MODES, NO_TRAINING, transform_update
 from poisonlab.federated.partition import partition
 from poisonlab.models import build_model
@@ -80,10 +78,32 @@ def malicious_ids(num_clients: int, num_malicious: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(num_clients, size=num_malicious, replace=False))
 
 
+@dataclass
+class Data:
+    train: ImageSet
+    test: ImageSet
+
+
 def load_federated_data(dataset: dict[str, Any] | DatasetConfig, data_dir: str | None) -> Data:
-    """The configured train/test slices, exactly as a centralised run would load them."""
-    ds = dataset if isinstance(dataset, DatasetConfig) else DatasetConfig.model_validate(dataset)
-    return load_data(SimpleNamespace(dataset=ds), data_dir)  # type: ignore[arg-type]
+    """The configured train/test slices, taken as a centralised run takes them (stratified, seed 0)."""
+    d = dataset if isinstance(dataset, DatasetConfig) else DatasetConfig.model_validate(dataset)
+    kw = dict(data_dir=data_dir or d.data_dir, download=d.download, path=d.path, image_size=d.image_size)
+    train = load_dataset(d.name, "train", **kw)
+    if d.name == "folder":  # one folder: hold out a stratified test split
+        train, test, _, _ = train.split(0.2, seed=0)
+    else:
+        test = load_dataset(d.name, "test", **kw)
+    if d.train_size and d.train_size < len(train):
+        train = train.stratified_subset(d.train_size, seed=0)
+    if d.test_size and d.test_size < len(test):
+        test = test.stratified_subset(d.test_size, seed=0)
+    return Data(train, test)
+
+
+def channel_stats(train: ImageSet) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training slice (the models normalise with them)."""
+    x = train.images.reshape(-1, train.shape[-1]).astype(np.float64) / 255
+    return x.mean(0).tolist(), np.maximum(x.std(0), 1e-3).tolist()
 
 
 def new_model(spec: ClientSpec, train: ImageSet) -> torch.nn.Module:
@@ -107,6 +127,25 @@ def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected:
         raise ValueError(f"unexpected model arrays: {unexpected[:5]}")
+
+
+def server_data_init(model: torch.nn.Module, train: ImageSet, seed: int) -> None:
+    """Data-dependent initialisation (FastNet's whitened stem) of the *global* model, once, on the server.
+
+    In this simulation the server uses a sample of the pooled training slice
+    (in a deployment it would be a public sample). Clients never re-initialise:
+    see :func:`keep_global_init`.
+    """
+    if getattr(model, "needs_data_init", False):
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:5000].numpy()
+        model.data_init(train.subset(np.sort(idx)).float_tensor())
+
+
+def keep_global_init(model: torch.nn.Module) -> None:
+    """Mark a model loaded with global weights as initialised, so ``fit`` keeps the global stem."""
+    flag = getattr(model, "data_initialised", None)
+    if isinstance(flag, torch.Tensor):
+        flag.fill_(True)
 
 
 def make_attack(spec: ClientSpec):
@@ -162,6 +201,7 @@ def _train_update(spec: ClientSpec, train: ImageSet, global_state: dict[str, np.
     seed_everything(fit_seed)
     model = new_model(spec, client_data(spec).train)
     load_arrays(model, global_state)
+    keep_global_init(model)
     fit(model, train, TrainConfig(**spec.training), seed=fit_seed)
     local = model_arrays(model, list(global_state))
     return {k: local[k] - global_state[k] for k in global_state}

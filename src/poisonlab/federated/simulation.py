@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -30,9 +31,10 @@ import numpy as np
 
 from poisonlab.errors import ParameterError
 from poisonlab.experiments.config import MethodConfig
-from poisonlab.experiments.runner import RESULT_COLUMNS, _slug
-from poisonlab.federated.client import (ClientSpec, client_data, exchanged_keys, load_arrays, load_federated_data,
-                                        make_client_app, malicious_ids, model_arrays, new_model)
+from poisonlab.experiments.runner import RESULT_COLUMNS
+from poisonlab.federated.client import (ClientSpec, client_data, exchanged_keys, keep_global_init, load_arrays,
+                                        load_federated_data, make_client_app, malicious_ids, model_arrays, new_model,
+                                        server_data_init)
 from poisonlab.federated.config import FederatedConfig
 from poisonlab.federated.malicious import DATA_MODES
 from poisonlab.federated.partition import label_skew, partition
@@ -44,6 +46,10 @@ ROUND_COLUMNS = ["run", "aggregator", "seed", "round", "clean_acc", "macro_f1", 
                  "malicious_sampled", "excluded", "excl_precision", "excl_recall", "seconds"]
 EXTRA_COLUMNS = ["mode", "num_clients", "n_malicious", "rounds", "partition", "alpha", "excluded_malicious",
                  "excluded_benign"]
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", s).strip("_")[:120]
 
 
 def backend_config(cfg: FederatedConfig) -> dict[str, Any]:
@@ -195,9 +201,11 @@ class FederatedRunner:
         seed_everything(seed)
         random.seed(seed)  # Flower samples the round's clients with the random module
         model = new_model(spec, data.train)
+        server_data_init(model, data.train, seed)
         keys = exchanged_keys(model)
         initial = ArrayRecord({k: Array(v) for k, v in model_arrays(model, keys).items()})
         eval_model = new_model(spec, data.train)
+        keep_global_init(eval_model)
         run = _slug(f"{agg.label}-{attack}-s{seed}")
         per_round: dict[int, dict[str, Any]] = {}
         clock = {"t": time.perf_counter(), "eval": 0.0}
