@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -25,11 +26,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-class Trigger:
+class Trigger(ABC):
     """Something stamped on images at test time: ``apply(uint8 NHWC) -> uint8 NHWC``."""
 
-    def apply(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """Return a stamped copy of ``images`` (uint8 NHWC)."""
 
     def check_fits(self, shape: tuple[int, int, int]) -> None:
         """Raise :class:`ParameterError` if the trigger cannot be applied to images of ``shape`` (H, W, C)."""
@@ -105,7 +107,7 @@ class AttackContext:
     progress: bool = False
 
 
-class Attack:
+class Attack(ABC):
     """Base class of every attack. Sub-classes implement :meth:`_poison`.
 
     Class attributes:
@@ -155,8 +157,9 @@ class Attack:
         record.indices = np.sort(np.asarray(record.indices, dtype=np.int64))
         return poisoned, record
 
+    @abstractmethod
     def _poison(self, train: ImageSet, rng: np.random.Generator, context: AttackContext) -> tuple[ImageSet, Poisoning]:
-        raise NotImplementedError  # pragma: no cover - interface
+        """Return the poisoned copy of ``train`` and the record; ``rng`` is seeded by :meth:`poison`."""
 
     def _record(self, indices: np.ndarray, original_labels: np.ndarray, **kw: Any) -> Poisoning:
         return Poisoning(attack=self.registry_name, params=self.params(), indices=np.asarray(indices),

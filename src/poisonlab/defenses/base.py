@@ -15,6 +15,7 @@ Every defence gets a :class:`DefenseContext` and returns a
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -98,7 +99,7 @@ class DefenseResult:
     scores: np.ndarray | None = None  # filters: suspicion score per training sample
 
 
-class Defense:
+class Defense(ABC):
     """Base class of every defence."""
 
     kind: ClassVar[str] = "training"
@@ -111,8 +112,9 @@ class Defense:
         sig = inspect.signature(type(self).__init__)
         return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
 
-    def run(self, ctx: DefenseContext) -> DefenseResult:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, ctx: DefenseContext) -> DefenseResult:
+        """Apply the defence; return the model to evaluate and the defence's own metrics."""
 
 
 @dataclass
@@ -130,8 +132,9 @@ class Filter(Defense):
     kind = "filter"
     retrains = True
 
-    def score(self, ctx: DefenseContext) -> FilterOutput:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def score(self, ctx: DefenseContext) -> FilterOutput:
+        """Suspicion score and drop decision for every sample of ``ctx.train``."""
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         from poisonlab.metrics import detection_metrics
