@@ -233,3 +233,17 @@ def test_config_structure_errors_name_the_field():
     cfg = parse_federated_config({**BASE, "malicious": {"fraction": 0.2, "mode": "sybil",
                                                          "attack": {"name": "badnets", "rate": 0.5}}})
     assert cfg.num_malicious == 1
+
+
+def test_cli_rejects_bad_federated_config_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[dataset]\nname = "digits"\n[federation]\nnum_clients = 5\n'
+                   '[malicious]\ncount = 7\nmode = "sign_flip"\n')
+    r = subprocess.run([sys.executable, "-m", "poisonlab", "federated", str(cfg), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "malicious.count=7: more malicious clients than the 5 clients" in r.stderr + r.stdout
+    assert not (tmp_path / "o").exists()

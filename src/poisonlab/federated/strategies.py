@@ -14,6 +14,7 @@ fraction_fit=..., malicious=ids, **params)`` makes one; bad parameters raise
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +31,16 @@ from poisonlab.federated.aggregation import check_beta, check_krum, coordinate_e
 from poisonlab.registry import Registry
 
 MEDIAN_AUDIT_BETA = 0.25
+
+
+class _NoEvaluateWarning(logging.Filter):
+    """The server evaluates the global model itself, so Flower's warning about skipped client evaluation is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "fraction_evaluate is set to 0.0" not in record.getMessage()
+
+
+logging.getLogger("flwr").addFilter(_NoEvaluateWarning())
 
 
 def reply_arrays(msg: Message) -> ArrayRecord:
