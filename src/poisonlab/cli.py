@@ -29,28 +29,62 @@ def run(
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="output directory"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where datasets live (else $POISONLAB_DATA, cache)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (runs, reuse, time estimate) and stop"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="artifact cache shared by grids and workers "
+                                                                "(default OUT/cache)"),
+    executor: str = typer.Option("local", "--executor", help="local (in-process) or ray"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (else a local Ray is started)"),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance"),
+    cpus_per_run: float = typer.Option(1.0, "--cpus-per-run", help="CPUs each Ray task asks for"),
+    gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help="GPUs each Ray task asks for"),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="log every run to this MLflow tracking URI"),
 ) -> None:
-    """Run an experiment: clean baseline, one model per attack, each defence; write results to OUT."""
+    """Run an experiment grid: clean baselines, one model per attack, each defence; write results to OUT.
+
+    Any axis of the config may be a list. Finished runs in OUT are skipped, so
+    re-running an interrupted command resumes it; trained models and other
+    stages come from the cache.
+    """
     from poisonlab.experiments import load_config, run_experiment
 
     try:
         cfg = load_config(config)
         rows = run_experiment(cfg, out, str(data_dir) if data_dir else None, progress=not quiet,
-                              log=lambda s: console.print(s, highlight=False))
+                              log=lambda s: console.print(s, highlight=False, markup=False),
+                              cache_dir=cache, executor=executor, address=address, num_cpus=num_cpus,
+                              cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, dry_run=dry_run,
+                              mlflow_uri=mlflow)
     except PoisonlabError as e:
         _fail(e)
+    if dry_run:
+        return
     _summary(rows)
-    console.print(f"results: {out / 'results.csv'}  (per-run JSON in {out / 'runs'}, plots in {out / 'plots'})")
+    console.print(f"results: {out / 'results.csv'}  (per-run JSON in {out / 'runs'}, plots in {out / 'plots'}, "
+                  f"report in {out / 'report.html'})", highlight=False)
+
+
+@app.command()
+def report(results_dir: Path = typer.Argument(..., help="a directory written by `poisonlab run`")) -> None:
+    """(Re)write RESULTS_DIR/report.html (self-contained) and RESULTS_DIR/results.md."""
+    from poisonlab.report.html import write_report
+
+    try:
+        html_path, md_path = write_report(results_dir)
+    except PoisonlabError as e:
+        _fail(e)
+    console.print(f"wrote {html_path} and {md_path}", highlight=False)
 
 
 def _summary(rows: list[dict]) -> None:
-    cols = ["attack", "defense", "seed", "clean_acc", "macro_f1", "asr", "robust_acc", "der", "det_f1",
-            "train_seconds"]
+    cols = ["dataset", "model", "training", "attack", "defense", "seed", "clean_acc", "macro_f1", "asr",
+            "robust_acc", "der", "det_f1", "train_seconds", "error"]
     cols = [c for c in cols if any(isinstance(r.get(c), (int, float, str)) and r.get(c) == r.get(c)
-                                   and r.get(c) is not None for r in rows)]
+                                   and r.get(c) is not None for r in rows)
+            and (c not in ("dataset", "model", "training") or len({r.get(c) for r in rows}) > 1)]
     t = Table(title="results")
     for c in cols:
-        t.add_column(c, justify="right" if c not in ("attack", "defense") else "left")
+        t.add_column(c, justify="left" if c in ("dataset", "model", "training", "attack", "defense", "error")
+                     else "right")
     for r in rows:
         t.add_row(*[_cell(r.get(c)) for c in cols])
     console.print(t)

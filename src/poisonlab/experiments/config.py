@@ -3,31 +3,40 @@
 Example (TOML)::
 
     name = "quickstart"
-    seeds = [0]
+    seeds = [0, 1, 2]              # several seeds: mean and std in the tables
 
     [dataset]
     name = "digits"
 
     [model]
-    name = "fastnet"
+    name = ["fastnet", "mnist_cnn"]   # any axis may be a list
 
     [training]
     epochs = 15
-    batch_size = 64
+    lr = [0.05, 0.01]             # a list here is a grid over the recipe too
 
     [[attacks]]
-    name = "random_flip"
-    rate = 0.2
+    name = "badnets"
+    rate = [0.05, 0.1]            # one run per value
 
     [[defenses]]
     name = "spectral_signatures"
 
-Every attack and defence entry is ``name`` plus that method's parameters;
-they are built (and so validated) when the config is loaded.
+A grid is the product ``datasets x models x training recipes x seeds``
+(the *cells*); in every cell the runner trains a clean baseline, one
+poisoned model per attack variant, and applies every defence to every
+poisoned model. ``dataset``, ``model`` and ``training`` may be a table or an
+array of tables; in ``dataset`` and ``training`` a list-valued key expands
+into one variant per value, and in ``model`` so does ``name``. In attack and
+defence entries a list-valued parameter expands the same way, unless the
+method's own default for that parameter is a list (then only a list of lists
+expands). Every variant is built (and so validated) when the config is
+loaded; errors name the field.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
 from pathlib import Path
@@ -78,28 +87,107 @@ class MethodConfig(BaseModel):
         return self.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
 
 
+def expand_table(table: dict[str, Any], keep_lists: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Cartesian product over the list-valued keys of ``table`` (in key order).
+
+    ``{"a": [1, 2], "b": 3}`` -> ``[{"a": 1, "b": 3}, {"a": 2, "b": 3}]``. Keys in
+    ``keep_lists`` take a list as a value; for them only a list of lists expands.
+    """
+    axes = []
+    for k, v in table.items():
+        if isinstance(v, list) and (k not in keep_lists or (v and all(isinstance(x, list) for x in v))):
+            if not v:
+                raise ValueError(f"{k}: an empty list gives no variant")
+            axes.append((k, v))
+        else:
+            axes.append((k, [v]))
+    keys = [k for k, _ in axes]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(vals for _, vals in axes))]
+
+
+def _as_variants(v: Any, expand_keys: set[str] | None) -> Any:
+    """A table or an array of tables -> a flat list of tables (list-valued keys expanded)."""
+    tables = v if isinstance(v, list) else [v]
+    out = []
+    for t in tables:
+        if not isinstance(t, dict):
+            return v  # let pydantic report the type error
+        if expand_keys is None:
+            out.extend(expand_table(t))
+        else:
+            keep = frozenset(k for k in t if k not in expand_keys)
+            out.extend(expand_table(t, keep))
+    return out
+
+
 class ExperimentConfig(BaseModel):
+    """A whole grid. ``dataset``, ``model`` and ``training`` hold the expanded variants (at least one each)."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = "experiment"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    training: TrainConfig = Field(default_factory=TrainConfig)
+    dataset: list[DatasetConfig] = Field(default_factory=lambda: [DatasetConfig()], min_length=1)
+    model: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1)
+    training: list[TrainConfig] = Field(default_factory=lambda: [TrainConfig()], min_length=1)
     attacks: list[MethodConfig] = Field(default_factory=list)
     defenses: list[MethodConfig] = Field(default_factory=list)
     baseline: bool = Field(True, description="also train on the clean set")
     clean_fraction: float = Field(0.05, gt=0, lt=0.5, description="trusted clean set for repair defences")
     plots: bool = True
 
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_scalar(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) else v
+
+    @field_validator("dataset", "training", mode="before")
+    @classmethod
+    def _expand_tables(cls, v: Any) -> Any:
+        try:
+            return _as_variants(v, None)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _expand_models(cls, v: Any) -> Any:
+        return _as_variants(v, {"name"})
+
     @field_validator("model")
     @classmethod
-    def _check_model(cls, v: ModelConfig) -> ModelConfig:
+    def _check_model(cls, v: list[ModelConfig]) -> list[ModelConfig]:
         from poisonlab.models import MODELS
 
-        if v.name not in MODELS:
-            raise ValueError(f"unknown model {v.name!r}; known: {', '.join(MODELS.names())}")
+        for m in v:
+            if m.name not in MODELS:
+                raise ValueError(f"unknown model {m.name!r}; known: {', '.join(MODELS.names())}")
         return v
+
+    @field_validator("attacks", "defenses", mode="before")
+    @classmethod
+    def _expand_methods(cls, methods: Any, info: ValidationInfo) -> Any:
+        if not isinstance(methods, list):
+            return methods
+        from poisonlab.attacks import ATTACKS, get_attack
+        from poisonlab.defenses import DEFENSES, get_defense
+
+        registry, build = (ATTACKS, get_attack) if info.field_name == "attacks" else (DEFENSES, get_defense)
+        out = []
+        for i, m in enumerate(methods):
+            if not isinstance(m, dict) or not isinstance(m.get("name"), str) or m["name"] not in registry:
+                out.append(m)  # reported by the after-validator with its index
+                continue
+            defaults = registry.defaults(m["name"])
+            keep = frozenset(k for k, d in defaults.items() if isinstance(d, (list, tuple))) | {"name"}
+            try:
+                variants = expand_table(m, keep)
+                for v in variants:  # checked here so that the error names the entry as written
+                    build(v["name"], **{k: x for k, x in v.items() if k != "name"})
+            except (ParameterError, ConfigError, TypeError, ValueError) as e:
+                raise ValueError(f"[{i}] ({m['name']}): {e}") from None
+            out.extend(variants)
+        return out
 
     @field_validator("attacks", "defenses")
     @classmethod
@@ -108,6 +196,7 @@ class ExperimentConfig(BaseModel):
         from poisonlab.defenses import DEFENSES, get_defense
 
         registry, build = (ATTACKS, get_attack) if info.field_name == "attacks" else (DEFENSES, get_defense)
+        seen: set[str] = set()
         for i, m in enumerate(methods):
             if m.name not in registry:
                 raise ValueError(f"[{i}].name: unknown {registry.kind} {m.name!r}; known: {', '.join(registry.names())}")
@@ -115,18 +204,26 @@ class ExperimentConfig(BaseModel):
                 build(m.name, **m.params)
             except (ParameterError, ConfigError, TypeError, ValueError) as e:
                 raise ValueError(f"[{i}] ({m.name}): {e}") from None
+            if m.label in seen:
+                raise ValueError(f"[{i}] ({m.name}): {m.label} is listed twice")
+            seen.add(m.label)
         return methods
 
 
-def _format_validation_error(source: str, e: ValidationError) -> str:
+def _format_validation_error(source: str, e: ValidationError, data: dict[str, Any] | None = None) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = list(err["loc"])
+        # `[dataset]` given as one table is stored as a one-element list: name the field as the user wrote it
+        if (len(loc) >= 2 and loc[0] in ("dataset", "model", "training") and isinstance(loc[1], int)
+                and not isinstance((data or {}).get(loc[0]), list)):
+            loc.pop(1)
+        loc_s = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         sep = "" if msg.startswith("[") else ": "
-        lines.append(f"  {loc}{sep}{msg}" + (f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "value_error") and not isinstance(err.get("input"), dict) else ""))
+        lines.append(f"  {loc_s}{sep}{msg}" + (f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "value_error") and not isinstance(err.get("input"), dict) else ""))
     return f"{source}: invalid config\n" + "\n".join(lines)
 
 
@@ -134,7 +231,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentCo
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(source, e)) from None
+        raise ConfigError(_format_validation_error(source, e, data)) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:

@@ -84,3 +84,36 @@ def plot_examples(clean: np.ndarray, poisoned: np.ndarray, path: str | os.PathLi
         axes[row, 0].set_ylabel(name, fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_feature_views(views: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike[str],
+                       title: str = "") -> Path:
+    """Side-by-side 2-D scatter plots: each view is ``(title, xy (N, 2), is_poison (N,))``."""
+    n = len(views)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
+    for ax, (name, xy, poison) in zip(axes[0], views):
+        xy, poison = np.asarray(xy), np.asarray(poison, dtype=bool)
+        ax.scatter(xy[~poison, 0], xy[~poison, 1], s=5, c="tab:blue", alpha=0.5, label=f"clean ({(~poison).sum()})")
+        ax.scatter(xy[poison, 0], xy[poison, 1], s=9, c="tab:red", alpha=0.8, label=f"poisoned ({poison.sum()})")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_score_histogram(scores: np.ndarray, is_poison: np.ndarray, path: str | os.PathLike[str],
+                         title: str = "") -> Path:
+    """Histogram of a filter's suspicion scores, clean and poisoned samples separately."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64))
+    p = np.asarray(is_poison, dtype=bool)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    bins = np.histogram_bin_edges(s, bins=40) if np.ptp(s) > 0 else 10
+    ax.hist(s[~p], bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({(~p).sum()})", density=True)
+    if p.any():
+        ax.hist(s[p], bins=bins, alpha=0.6, color="tab:red", label=f"poisoned ({p.sum()})", density=True)
+    ax.set(xlabel="suspicion score (higher = more suspicious)", ylabel="density", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,153 @@
+"""The self-contained HTML report and the Markdown table of a results directory.
+
+``write_report(out)`` reads ``out/results.json`` (or ``results.csv``) and
+``out/runs/<run>.json`` and writes ``out/report.html`` (every image embedded
+as base64, no external resource, a few lines of inline JavaScript to sort
+the tables) and ``out/results.md`` (the summary table: mean ± std over
+seeds, deltas against the clean baseline).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from poisonlab.experiments.results import (GROUP, RESULT_COLUMNS, _num, format_value, markdown_table, summarize,
+                                           summary_columns)
+from poisonlab.utils import atomic_write_text
+
+PLOT_TITLES = {"history": "training curves", "confusion": "confusion matrix (clean test)",
+               "confusion_triggered": "confusion matrix (triggered test)",
+               "examples": "clean vs poisoned examples, |difference| amplified",
+               "features": "penultimate features, 2-D PCA (red: poisoned)", "scores": "detection scores"}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+th{background:#eef;cursor:pointer;user-select:none}
+th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
+td.t,th.t{text-align:left}tr.err td{background:#fee}
+details{margin:.4em 0;border:1px solid #ddd;border-radius:4px;padding:.3em .6em}
+summary{cursor:pointer;font-weight:600}
+figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:12px;color:#555}
+img{max-width:640px;border:1px solid #eee}.note{color:#666;font-size:13px}
+"""
+
+# Click a header to sort by that column (numbers numerically via data-v, text otherwise); click again to reverse.
+_JS = """
+document.querySelectorAll('table.sortable').forEach(function (table) {
+  var heads = table.tHead.rows[0].cells;
+  Array.prototype.forEach.call(heads, function (th, col) {
+    th.addEventListener('click', function () {
+      var asc = !th.classList.contains('asc');
+      Array.prototype.forEach.call(heads, function (h) { h.classList.remove('asc', 'desc'); });
+      th.classList.add(asc ? 'asc' : 'desc');
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = a.cells[col].getAttribute('data-v'), y = b.cells[col].getAttribute('data-v');
+        var nx = parseFloat(x), ny = parseFloat(y), r;
+        if (!isNaN(nx) && !isNaN(ny)) { r = nx - ny; }
+        else if (isNaN(nx) !== isNaN(ny)) { r = isNaN(nx) ? 1 : -1; }
+        else { r = String(x).localeCompare(String(y)); }
+        return asc ? r : -r;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+  table.setAttribute('data-sortable', 'ready');
+});
+"""
+
+
+def load_rows(out: Path) -> list[dict[str, Any]]:
+    """Result rows of ``out``: results.json if present, else results.csv (values as strings)."""
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    if (out / "results.csv").is_file():
+        with open(out / "results.csv", newline="") as f:
+            return [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
+    from poisonlab.errors import ConfigError
+
+    raise ConfigError(f"{out}: no results.json or results.csv here (is this a poisonlab results directory?)")
+
+
+def _img(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _cell(col: str, value: Any, std: Any = None) -> str:
+    text = str(value) if col in GROUP or col in ("run",) else format_value(col, value, std)
+    sort = _num(value)
+    v = html.escape(str(sort if sort is not None else (value if value is not None else "")))
+    cls = ' class="t"' if col in GROUP or col == "run" else ""
+    return f'<td{cls} data-v="{v}">{html.escape(text)}</td>'
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str], table_id: str, std: bool) -> str:
+    head = "".join(f'<th class="t">{html.escape(c)}</th>' if c in GROUP or c == "run" else f"<th>{html.escape(c)}</th>"
+                   for c in cols)
+    body = []
+    for r in rows:
+        cls = ' class="err"' if r.get("error") or r.get("failed") else ""
+        body.append(f"<tr{cls}>" + "".join(_cell(c, r.get(c), r.get(c + "_std") if std else None) for c in cols)
+                    + "</tr>")
+    return (f'<table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def write_report(out: str | Path, title: str | None = None) -> tuple[Path, Path]:
+    """Write ``out/report.html`` and ``out/results.md``; returns their paths."""
+    out = Path(out)
+    rows = load_rows(out)
+    summary = summarize(rows)
+    name = title
+    if name is None:
+        try:
+            name = json.loads((out / "config.json").read_text()).get("name")
+        except (OSError, ValueError):
+            name = None
+        name = name or out.name
+    md = f"# {name}\n\n" + markdown_table(summary)
+    seeds = max((s["n"] + s.get("failed", 0) for s in summary), default=1)
+    if seeds > 1:
+        md += "\nValues are mean ± standard deviation over seeds; d_* are differences to the clean baseline.\n"
+    md_path = out / "results.md"
+    atomic_write_text(md_path, md)
+
+    scols = summary_columns(summary)
+    run_cols = ["run"] + [c for c in RESULT_COLUMNS if c not in ("run", "key") and any(r.get(c) not in (None, "")
+                                                                                     for r in rows)]
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>{html.escape(name)}</h1>",
+             f'<p class="note">{len(rows)} runs. Summary over seeds: mean ± standard deviation; d_clean_acc and '
+             f"d_macro_f1 are differences to the clean baseline of the same cell; ASR, robust accuracy and DER "
+             f"follow BackdoorBench. Click a column header to sort.</p>",
+             "<h2>Results</h2>", _table(summary, scols, "summary", std=True),
+             "<h2>All runs</h2>", _table(rows, run_cols, "runs", std=False), "<h2>Per run</h2>"]
+    for r in rows:
+        detail_file = out / "runs" / f"{r['run']}.json"
+        figs = []
+        err = ""
+        if detail_file.is_file():
+            try:
+                detail = json.loads(detail_file.read_text())
+            except ValueError:
+                detail = {}
+            for kind, rel in (detail.get("plots") or {}).items():
+                p = out / rel
+                if p.is_file():
+                    figs.append(f'<figure><img alt="{html.escape(r["run"])} {html.escape(kind)}" src="{_img(p)}">'
+                                f"<figcaption>{html.escape(PLOT_TITLES.get(kind, kind))}</figcaption></figure>")
+        if r.get("error"):
+            err = f'<p class="note">failed: {html.escape(str(r["error"]))}</p>'
+        parts.append(f"<details><summary>{html.escape(r['run'])}</summary>{err}{''.join(figs)}</details>")
+    parts.append(f"<script>{_JS}</script></body></html>")
+    html_path = out / "report.html"
+    atomic_write_text(html_path, "\n".join(parts))
+    return html_path, md_path
