@@ -161,6 +161,8 @@ def test_targeted_flip_auto_pairs_from_surrogate(digits, clean_digits_model):
     _, lab = _changed(tr, p)
     assert np.array_equal(lab, r.indices)
     assert set(r.original_labels) == {s for s, _ in pairs}
+    _, rs = get_attack("targeted_flip", confusion_samples=300).poison(tr, seed=0, context=_ctx(digits, clean_digits_model))
+    assert np.allclose(np.array(rs.extra["confusion"]).sum(1), 1, atol=1e-3)  # soft rows: probabilities
 
 
 def test_targeted_flip_holdout_trains_its_own_surrogate(digits):
