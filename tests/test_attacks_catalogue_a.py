@@ -220,6 +220,18 @@ def test_triggers_any_shape_deterministic_picklable(trigger, shape):
     assert np.array_equal(trigger.apply(x[2:3]), y[2:3])  # same trigger whatever the batch
 
 
+def test_triggers_survive_the_artifact_cache():
+    """The experiment cache stores triggers as class name + dataclass fields (no pickle); ours round-trip."""
+    from poisonlab.experiments.cache import trigger_from_spec, trigger_to_spec
+
+    x = np.random.default_rng(1).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    for t in (SinusoidalTrigger(0.05, 2, 5), SIGTrigger(), BlendedTrigger(0.3, "checkerboard", 1, 2),
+              BlendedTrigger(0.2, "noise", 7), CornerPatternTrigger(3, 0.5, "all")):
+        spec, arrays = trigger_to_spec(t)
+        back = trigger_from_spec(spec, arrays)
+        assert back == t and np.array_equal(back.apply(x), t.apply(x))
+
+
 def test_trigger_values():
     x = np.full((1, 32, 32, 3), 128, np.uint8)
     sig = SIGTrigger(20 / 255, 6).apply(x).astype(int) - 128
