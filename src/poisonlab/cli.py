@@ -50,7 +50,7 @@ def run(
     try:
         cfg = load_config(config)
         rows = run_experiment(cfg, out, str(data_dir) if data_dir else None, progress=not quiet,
-                              log=lambda s: console.print(s, highlight=False, markup=False),
+                              log=lambda s: console.print(s, highlight=False, markup=False, soft_wrap=True),
                               cache_dir=cache, executor=executor, address=address, num_cpus=num_cpus,
                               cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, dry_run=dry_run,
                               mlflow_uri=mlflow)

@@ -10,6 +10,13 @@ from typing import Any, Iterable
 
 from poisonlab.utils import atomic_write_json, atomic_write_text
 
+# the columns every results table starts with (federated runs write these too)
+BASE_COLUMNS = [
+    "run", "dataset", "model", "attack", "defense", "seed", "clean_acc", "macro_f1", "asr", "robust_acc",
+    "target_success", "der", "det_precision", "det_recall", "det_f1", "det_auroc", "n_poisoned",
+    "poison_seconds", "train_seconds", "defense_seconds", "error",
+]
+# a grid's results.csv: the base columns plus the recipe axis, deltas to the baseline and the cache key
 RESULT_COLUMNS = [
     "run", "dataset", "model", "training", "attack", "defense", "seed", "clean_acc", "macro_f1", "asr",
     "robust_acc", "target_success", "der", "det_precision", "det_recall", "det_f1", "det_auroc", "n_poisoned",

@@ -24,7 +24,8 @@ from poisonlab.experiments.cache import ArtifactCache
 from poisonlab.experiments.config import ExperimentConfig
 from poisonlab.experiments.executors import GridProgress, run_local, run_ray
 from poisonlab.experiments.plan import Plan, build_plan, load_result_rows
-from poisonlab.experiments.results import RESULT_COLUMNS, write_results
+from poisonlab.experiments.results import BASE_COLUMNS as RESULT_COLUMNS
+from poisonlab.experiments.results import write_results
 from poisonlab.experiments.stages import Data, channel_stats, load_data
 from poisonlab.utils import atomic_write_json
 
