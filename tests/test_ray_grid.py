@@ -21,8 +21,8 @@ def test_ray_executor_tiny_grid(tmp_path):
     assert not ray.is_initialized()  # the Ray instance it started is shut down again
     assert len(rows) == 4 and not any(r.get("error") for r in rows)
     assert any(line.startswith("ray: 2 CPU") for line in log)
-    assert sorted(r["run"] for r in rows) == ["none-none-s0", "none-none-s1", "random_flip-none-s0",
-                                             "random_flip-none-s1"]
+    assert sorted(r["run"] for r in rows) == ["none-none-s0", "none-none-s1", "random_flip_rate=0.2_-none-s0",
+                                             "random_flip_rate=0.2_-none-s1"]
     assert all(r["clean_acc"] > 0.3 for r in rows)
     # workers wrote the shared cache: a local re-run into a new directory trains nothing
     import poisonlab.training.loop as loop

@@ -105,7 +105,7 @@ def ray_unit(plan: Plan, unit: Unit, out: str, cache_root: str, data_dir: str | 
     import torch
 
     torch.set_num_threads(max(1, threads))
-    key = f"{id(plan)}:{out}:{cache_root}"
+    key = f"{hash(plan.cfg.model_dump_json())}:{out}:{cache_root}"
     ws = _WORKSPACES.get(key)
     if ws is None:
         _WORKSPACES.clear()  # one plan at a time per worker: keep memory bounded

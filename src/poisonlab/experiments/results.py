@@ -29,6 +29,9 @@ SUMMARY_METRICS = ["clean_acc", "d_clean_acc", "macro_f1", "d_macro_f1", "asr", 
                    "poison_seconds", "train_seconds", "defense_seconds"]
 
 
+INT_COLUMNS = {"n", "seed", "n_poisoned", "n_flagged", "failed"}
+
+
 def _num(v: Any) -> float | None:
     if isinstance(v, bool) or v is None or v == "":
         return None
@@ -97,7 +100,7 @@ def format_value(col: str, mean: Any, std: Any = None) -> str:
     v = _num(mean)
     if v is None:
         return "-" if not isinstance(mean, str) else mean
-    if col == "n":
+    if col in INT_COLUMNS and float(v).is_integer():
         return str(int(v))
     digits = 1 if col.endswith("_seconds") else 3
     sign = "+" if col.startswith("d_") and v > 0 else ""

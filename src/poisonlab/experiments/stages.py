@@ -25,7 +25,7 @@ from poisonlab.data import ImageSet, load_dataset
 from poisonlab.experiments.cache import ArtifactCache, jsonable, poisoning_from_entry, poisoning_to_entry
 from poisonlab.experiments.config import DatasetConfig
 from poisonlab.experiments.plan import Cell, Plan, RunSpec, Unit
-from poisonlab.utils import atomic_write_json, seed_everything
+from poisonlab.utils import atomic_write_json, default_device, seed_everything
 
 ROW_METRICS = ("clean_acc", "macro_f1", "asr", "robust_acc", "target_success")
 STEALTH_KEYS = ("linf", "l2", "psnr", "ssim", "label_change_rate")
@@ -110,7 +110,8 @@ class Workspace:
         h, _, c = data.train.shape
         mean, std = channel_stats(data.train)
         m = self.cfg.model[cell.model]
-        return build_model(m.name, c, data.train.num_classes, h, mean=mean, std=std, **m.params)
+        model = build_model(m.name, c, data.train.num_classes, h, mean=mean, std=std, **m.params)
+        return model.to(default_device())  # a GPU when the worker has one (Ray: --gpus-per-run)
 
     def trainer(self, cell: Cell, frozen: bool = False) -> Callable[..., Any]:
         """``train_model(imageset, sample_weight=None, **recipe_overrides) -> model`` for this cell.

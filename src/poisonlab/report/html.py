@@ -35,7 +35,7 @@ td.t,th.t{text-align:left}tr.err td{background:#fee}
 details{margin:.4em 0;border:1px solid #ddd;border-radius:4px;padding:.3em .6em}
 summary{cursor:pointer;font-weight:600}
 figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:12px;color:#555}
-img{max-width:640px;border:1px solid #eee}.note{color:#666;font-size:13px}
+img{max-width:640px;border:1px solid #eee}.wrap{overflow-x:auto}.note{color:#666;font-size:13px}
 """
 
 # Click a header to sort by that column (numbers numerically via data-v, text otherwise); click again to reverse.
@@ -96,8 +96,8 @@ def _table(rows: list[dict[str, Any]], cols: list[str], table_id: str, std: bool
         cls = ' class="err"' if r.get("error") or r.get("failed") else ""
         body.append(f"<tr{cls}>" + "".join(_cell(c, r.get(c), r.get(c + "_std") if std else None) for c in cols)
                     + "</tr>")
-    return (f'<table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (f'<div class="wrap"><table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def write_report(out: str | Path, title: str | None = None) -> tuple[Path, Path]:
@@ -121,7 +121,8 @@ def write_report(out: str | Path, title: str | None = None) -> tuple[Path, Path]
 
     scols = summary_columns(summary)
     run_cols = ["run"] + [c for c in RESULT_COLUMNS if c not in ("run", "key") and any(r.get(c) not in (None, "")
-                                                                                     for r in rows)]
+                                                                                     for r in rows)
+                          and (c not in ("dataset", "model", "training") or len({r.get(c) for r in rows}) > 1)]
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(name)}</h1>",
