@@ -25,7 +25,12 @@ class MlflowTracker:
             from poisonlab.errors import ConfigError
 
             raise ConfigError("--mlflow needs MLflow: pip install 'poisonlab[mlflow]'") from None
+        import os
+
         self.mlflow = mlflow
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3 refuses the file store unless asked for; a file URI given on purpose is that request
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         exp = mlflow.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
