@@ -245,3 +245,18 @@ def test_sigkill_then_resume(tmp_path):
     md = (out / "results.md").read_text()
     assert "±" in md and "badnets" in md  # two seeds: mean ± std
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from poisonlab.cli import app
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('seeds = [0, 1]\n[dataset]\nname = "digits"\n[training]\nepochs = [1, 2]\n'
+                   '[[attacks]]\nname = "badnets"\nsize = 2\nrate = [0.05, 0.1]\n')
+    r = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "plan: 12 runs" in r.output and "to run: 12" in r.output and "trainings: 12 to do" in r.output
+    assert "estimate: ~" in r.output
+    assert not (tmp_path / "o").exists()
