@@ -260,3 +260,25 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
     assert "plan: 12 runs" in r.output and "to run: 12" in r.output and "trainings: 12 to do" in r.output
     assert "estimate: ~" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_frozen_feature_victim_starts_from_clean_model(tmp_path, monkeypatch):
+    """Attacks that ask for a frozen-features victim get the clean model with only the head retrained."""
+    from poisonlab.attacks import ATTACKS
+
+    if "feature_collision" not in ATTACKS:
+        pytest.skip("feature_collision attack not present")
+    calls = []
+    real = loop.fit
+
+    def spy(model, train, cfg=None, **k):
+        calls.append((k.get("description"), k.get("freeze_body", False)))
+        return real(model, train, cfg, **k)
+
+    monkeypatch.setattr(loop, "fit", spy)
+    cfg = _cfg([], attacks=[{"name": "feature_collision", "steps": 5, "n_poisons": 3}], baseline=False)
+    rows = run_experiment(cfg, tmp_path / "fc", progress=False, log=lambda s: None)
+    assert not any(r.get("error") for r in rows), rows
+    assert calls == [("clean s0", False), ("feature_collision s0", True)]
+    detail = json.loads((tmp_path / "fc" / "runs" / f"{rows[0]['run']}.json").read_text())
+    assert detail["victim"] == "frozen_features" and "target_success" in rows[0]
