@@ -161,7 +161,8 @@ def test_targeted_flip_auto_pairs_from_surrogate(digits, clean_digits_model):
     _, lab = _changed(tr, p)
     assert np.array_equal(lab, r.indices)
     assert set(r.original_labels) == {s for s, _ in pairs}
-    _, rs = get_attack("targeted_flip", confusion_samples=300).poison(tr, seed=0, context=_ctx(digits, clean_digits_model))
+    small = get_attack("targeted_flip", confusion_samples=300)
+    _, rs = small.poison(tr, seed=0, context=_ctx(digits, clean_digits_model))
     assert np.allclose(np.array(rs.extra["confusion"]).sum(1), 1, atol=1e-3)  # soft rows: probabilities
 
 
@@ -207,7 +208,8 @@ SHAPES = [(8, 8, 1), (28, 28, 1), (32, 32, 3), (20, 36, 3)]
 
 @pytest.mark.parametrize("trigger", [SinusoidalTrigger(0.03, 3, 3), SIGTrigger(20 / 255, 3),
                                      BlendedTrigger(0.2, "noise", 0), BlendedTrigger(0.2, "checkerboard", 0, 2),
-                                     CornerPatternTrigger(3, 1.0, "all"), CornerPatternTrigger(2, 0.25, "bottom-right")])
+                                     CornerPatternTrigger(3, 1.0, "all"),
+                                     CornerPatternTrigger(2, 0.25, "bottom-right")])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triggers_any_shape_deterministic_picklable(trigger, shape):
     x = np.random.default_rng(0).integers(0, 256, size=(5, *shape), dtype=np.uint8)
@@ -338,7 +340,8 @@ def test_label_consistent_backdoor_learnt_on_digits(digits, clean_digits_model):
     from poisonlab.metrics import evaluate
 
     tr, te = digits
-    a = get_attack("label_consistent", rate=1.0, target=3, eps=32 / 255, steps=5, step_size=8 / 255, trigger_size=2)
+    a = get_attack("label_consistent", rate=1.0, target=3, eps=32 / 255, steps=5, step_size=8 / 255,
+                   trigger_size=2)
     p, r = a.poison(tr, seed=0, context=_ctx(digits, clean_digits_model))
     assert np.array_equal(p.labels, tr.labels)
     m = evaluate(_train(p), te, r)
