@@ -1,0 +1,132 @@
+"""Helpers shared by the filters: per-class PCA, robust z-scores, top-k flags, validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from poisonlab.errors import ParameterError
+
+
+def as_features(features: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """Check and convert ``features`` to a float32 ``(N, D)`` array (and ``labels`` to match)."""
+    f = np.asarray(features, dtype=np.float32)
+    if f.ndim == 1:
+        f = f[:, None]
+    if f.ndim != 2:
+        f = f.reshape(len(f), -1)
+    if labels is not None and len(labels) != len(f):
+        raise ParameterError(f"features has {len(f)} rows but labels has {len(labels)} entries")
+    if not np.isfinite(f).all():
+        f = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
+    return f
+
+
+def class_indices(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``[(class, indices of that class)]`` for every class present in ``labels``."""
+    labels = np.asarray(labels)
+    return [(int(c), np.nonzero(labels == c)[0]) for c in np.unique(labels)]
+
+
+def pca(x: np.ndarray, n_components: int, seed: int = 0) -> np.ndarray:
+    """Project centred ``x`` onto its top ``n_components`` principal axes.
+
+    A randomised low-rank SVD (Halko et al. 2011, ``torch.svd_lowrank``)
+    instead of a full SVD: the filters only need a few axes of a few hundred
+    feature dimensions, and this keeps 50,000 samples well under a second.
+    """
+    n, d = x.shape
+    k = int(min(n_components, d, max(1, n - 1)))
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    xt = xt - xt.mean(0, keepdim=True)
+    if n < 2:
+        return np.zeros((n, k), dtype=np.float32)
+    torch.manual_seed(seed)
+    if k >= min(n, d) // 2:  # small problem: an exact SVD is cheaper than oversampling
+        _, _, v = torch.linalg.svd(xt, full_matrices=False)
+        v = v[:k].T
+    else:
+        _, _, v = torch.svd_lowrank(xt, q=min(k + 10, min(n, d)), niter=4)
+        v = v[:, :k]
+    return (xt @ v).numpy()
+
+
+def pca_reconstruction_error(x: np.ndarray, n_components: int, seed: int = 0) -> np.ndarray:
+    """Squared distance of each (centred) row of ``x`` to its projection on the top principal axes."""
+    xc = x - x.mean(0, keepdims=True)
+    z = pca(x, n_components, seed)
+    return np.maximum((xc.astype(np.float64) ** 2).sum(1) - (z.astype(np.float64) ** 2).sum(1), 0.0)
+
+
+def class_pca(ctx: Any, n_components: int) -> np.ndarray:
+    """Per-class PCA of ``ctx.features()`` to ``n_components`` dims, cached in ``ctx.cache``.
+
+    Several filters (activation clustering, PCA + k-means) start from the same
+    projection; the runner shares ``ctx.cache`` between the defences of one
+    poisoned set, so it is computed once.
+    """
+    key = f"class_pca_{n_components}"
+    if key not in ctx.cache:
+        f = as_features(ctx.features())
+        out = np.zeros((len(f), min(n_components, f.shape[1])), dtype=np.float32)
+        for _, idx in class_indices(ctx.train.labels):
+            z = pca(f[idx], n_components, seed=ctx.seed)
+            out[idx, : z.shape[1]] = z
+        ctx.cache[key] = out
+    return ctx.cache[key]
+
+
+def robust_z(x: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 MAD): a z-score that a minority of outliers does not inflate."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return x
+    med = np.median(x)
+    mad = 1.4826 * np.median(np.abs(x - med))
+    if mad <= 1e-12:
+        mad = x.std() or 1.0
+    return (x - med) / mad
+
+
+def per_class_robust_z(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """:func:`robust_z` within each class, so classes of different spread share one threshold."""
+    out = np.zeros(len(scores), dtype=np.float64)
+    for _, idx in class_indices(labels):
+        out[idx] = robust_z(scores[idx])
+    return out
+
+
+def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the ``k`` highest scores (ties broken by index)."""
+    m = np.zeros(len(scores), dtype=bool)
+    k = int(max(0, min(k, len(scores))))
+    if k:
+        m[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]] = True
+    return m
+
+
+def kmeans(x: np.ndarray, n_clusters: int, seed: int = 0, n_init: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """k-means (k-means++ start, Lloyd iterations): ``(assignment, centres)``."""
+    from sklearn.cluster import KMeans
+
+    k = int(min(n_clusters, len(x)))
+    if k <= 1:
+        return np.zeros(len(x), dtype=np.int64), x.mean(0, keepdims=True)
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, max_iter=100).fit(x)
+    return km.labels_.astype(np.int64), km.cluster_centers_
+
+
+def check_fraction_or_none(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ParameterError(f"{name} must be in (0, 1) or None, got {value!r}")
+    return float(value)
+
+
+def check_int(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ParameterError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)

@@ -1,0 +1,217 @@
+"""Data-filtering defences on small real poisoned sets: each where it should work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from poisonlab.attacks import Poisoning, get_attack
+from poisonlab.defenses import DEFENSES, DefenseContext, get_defense
+from poisonlab.errors import ParameterError
+from poisonlab.metrics import detection_metrics
+from poisonlab.models import build_model
+from poisonlab.training import TrainConfig, fit
+
+FILTERS = ["loss_outliers", "activation_clustering", "kmeans_vote", "spectral_signatures", "pca_outliers",
+           "kmeans_outliers", "pca_kmeans", "influence", "confident_learning", "isolation_forest"]
+
+
+def _trainer(model_name: str, channels: int, size: int, epochs: int, lr: float = 0.05, **kw):
+    def train_model(train, sample_weight=None, **_):
+        torch.manual_seed(0)
+        m = build_model(model_name, channels, train.num_classes, size, **kw)
+        fit(m, train, TrainConfig(epochs=epochs, batch_size=64, lr=lr), sample_weight=sample_weight, seed=0)
+        return m
+    return train_model
+
+
+def _det(ctx, out):
+    return detection_metrics(ctx.poisoning.poison_mask(len(ctx.train)), out.flagged, out.scores)
+
+
+@pytest.fixture(scope="module")
+def badnets_ctx(mnist_small):
+    """1,200 MNIST images, 5% BadNets (4x4 white patch, target 0), mnist_cnn trained 6 epochs.
+
+    The patch sits top-left: mnist_cnn's last unpadded conv + pooling never sees the bottom-right
+    corner of a 28x28 image, so a bottom-right patch is not learnt at all.
+    """
+    tr, te = mnist_small
+    tr = tr.stratified_subset(1200, seed=1)
+    poisoned, rec = get_attack("badnets", rate=0.05, target=0, size=4, intensity=1.0,
+                               corner="top-left").poison(tr, seed=0)
+    train_model = _trainer("mnist_cnn", 1, 28, 6, lr=0.1)
+    model = train_model(poisoned)
+    return DefenseContext(train=poisoned, model=model, test=te.subset(np.arange(100)), train_model=train_model,
+                          poisoning=rec)
+
+
+@pytest.fixture(scope="module")
+def flip_ctx(digits):
+    """sklearn digits with 12% random label flips, a small fastnet."""
+    tr, te = digits
+    poisoned, rec = get_attack("random_flip", rate=0.12).poison(tr, seed=0)
+    train_model = _trainer("fastnet", 1, 8, 6, widths=(16, 32, 64))
+    return DefenseContext(train=poisoned, model=train_model(poisoned), test=te, train_model=train_model,
+                          poisoning=rec)
+
+
+def test_all_filters_registered():
+    assert set(FILTERS) <= set(DEFENSES.names())
+    for name in FILTERS:
+        assert DEFENSES.get(name).kind == "filter"
+
+
+@pytest.mark.parametrize("name,params,word", [
+    ("loss_outliers", {"z_threshold": 0}, "z_threshold"),
+    ("loss_outliers", {"drop_fraction": 1.5}, "drop_fraction"),
+    ("activation_clustering", {"n_components": 0}, "n_components"),
+    ("activation_clustering", {"size_threshold": 0.8}, "size_threshold"),
+    ("kmeans_vote", {"n_clusters": 1}, "n_clusters"),
+    ("spectral_signatures", {"expected_rate": 0}, "expected_rate"),
+    ("spectral_signatures", {"expected_rate": 0.9}, "expected_rate"),
+    ("pca_outliers", {"space": "logits"}, "space"),
+    ("kmeans_outliers", {"n_clusters": 0}, "n_clusters"),
+    ("pca_kmeans", {"z_threshold": -1}, "z_threshold"),
+    ("influence", {"k": 0}, "k"),
+    ("influence", {"target_index": -3}, "target_index"),
+    ("confident_learning", {"filter_by": "magic"}, "filter_by"),
+    ("confident_learning", {"folds": 1}, "folds"),
+    ("isolation_forest", {"contamination": 0.9}, "contamination"),
+    ("isolation_forest", {"contamination": "most"}, "contamination"),
+])
+def test_parameter_validation(name, params, word):
+    with pytest.raises(ParameterError, match=word):
+        get_defense(name, **params)
+
+
+def test_backdoor_cluster_detectors_on_mnist_badnets(badnets_ctx):
+    ctx = badnets_ctx
+    out = get_defense("activation_clustering").score(ctx)
+    ac = _det(ctx, out)
+    assert ac["det_recall"] >= 0.9 and ac["det_auroc"] >= 0.8, ac
+    # the target class is judged poisoned and holds most flags (a clean class's natural sub-mode
+    # sometimes passes the thresholds too: precision varies from 0.6 to 1.0 with the features)
+    assert out.info["classes"]["0"]["suspicious"]
+    removed = np.bincount(ctx.train.labels[out.flagged], minlength=10)
+    assert removed.argmax() == 0 and ac["det_precision"] >= 0.45, ac
+    # 60 poisons join 120 clean zeros: a third of the target class, Tran et al.'s epsilon
+    out = get_defense("spectral_signatures", expected_rate=0.33).score(ctx)
+    in0 = ctx.train.labels == 0
+    from sklearn.metrics import roc_auc_score
+
+    is_p = ctx.poisoning.poison_mask(len(ctx.train))
+    assert roc_auc_score(is_p[in0], out.scores[in0]) >= 0.8
+    assert out.flagged[is_p].mean() >= 0.6
+    for name, auroc in (("pca_kmeans", 0.9), ("kmeans_outliers", 0.9), ("pca_outliers", 0.85),
+                        ("isolation_forest", 0.6)):
+        d = _det(ctx, get_defense(name).score(ctx))
+        assert d["det_auroc"] >= auroc, (name, d)
+    # the per-class PCA is computed once and shared through ctx.cache
+    assert "class_pca_10" in ctx.cache
+
+
+def test_filter_run_retrains_and_reports_detection(badnets_ctx):
+    res = get_defense("activation_clustering").run(badnets_ctx)
+    m = res.metrics
+    assert m["det_recall"] >= 0.8 and res.kept.sum() == len(badnets_ctx.train) - m["n_flagged"]
+    assert sum(m["removed_per_class"]) == m["n_flagged"] and np.argmax(m["removed_per_class"]) == 0
+    assert m["filter_seconds"] > 0 and m["retrain_seconds"] > 0
+    # the retrained model no longer learns the trigger
+    trig = badnets_ctx.poisoning.apply_trigger(badnets_ctx.test.images)
+    pred = res.model(torch.from_numpy(trig).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
+    keep = badnets_ctx.test.labels != 0
+    assert (pred[keep] == 0).mean() < 0.3
+
+
+def test_label_flip_detectors_on_digits(flip_ctx):
+    ctx = flip_ctx
+    cl = get_defense("confident_learning", folds=3).score(ctx)
+    d = _det(ctx, cl)
+    assert d["det_precision"] >= 0.8 and d["det_recall"] >= 0.6, d
+    # suggested labels recover the original label of most caught flips
+    sugg = np.asarray(cl.info["suggested_labels"])
+    rec = ctx.poisoning
+    caught = cl.flagged[rec.indices]
+    assert (sugg[rec.indices][caught] == rec.original_labels[caught]).mean() >= 0.8
+    lo = _det(ctx, get_defense("loss_outliers", cross_validated=True, folds=3).score(ctx))
+    assert lo["det_auroc"] >= 0.9, lo
+    kv = _det(ctx, get_defense("kmeans_vote").score(ctx))
+    assert kv["det_precision"] >= 0.6 and kv["det_auroc"] >= 0.7, kv
+
+
+def test_influence_finds_feature_space_neighbours_relabelled(digits):
+    tr, te = digits
+    train_model = _trainer("fastnet", 1, 8, 6, widths=(16, 32, 64))
+    clean = train_model(tr)
+    from poisonlab.training import extract_features
+
+    t = int(np.nonzero(te.labels == 4)[0][0])
+    f_tr, f_t = extract_features(clean, tr), extract_features(clean, te.images[t:t + 1])[0]
+    cand = np.nonzero(tr.labels == 4)[0]
+    near = cand[np.argsort(((f_tr[cand] - f_t) ** 2).sum(1))[:40]]
+    labels = tr.labels.copy()
+    labels[near] = 5
+    poisoned = tr.with_data(labels=labels)
+    rec = Poisoning("manual_nn_flip", {}, np.sort(near), tr.labels[near], target_indices=np.array([t]),
+                    adversarial_labels=np.array([5]))
+    ctx = DefenseContext(train=poisoned, model=train_model(poisoned), test=te, train_model=train_model,
+                         poisoning=rec)
+    out = get_defense("influence", k=40, target_index=t, adversarial_class=5).score(ctx)
+    d = _det(ctx, out)
+    assert d["det_recall"] >= 0.6 and d["det_auroc"] >= 0.9, d
+    # without explicit target it falls back to the attack's record (a defender who knows the target)
+    out2 = get_defense("influence", k=40).score(ctx)
+    np.testing.assert_allclose(out2.scores, out.scores)
+    ctx.poisoning = None
+    with pytest.raises(ParameterError, match="target_index"):
+        get_defense("influence").score(ctx)
+
+
+def test_influence_closed_form_matches_per_sample_autograd():
+    from poisonlab.defenses.filters.influence import influence_scores
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+
+    class Wrapped(nn.Module):  # not recognisable as "Linear + parameter-free": takes the torch.func path
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x) * 0.5
+
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(50, 6)).astype(np.float32), rng.integers(0, 4, 50)
+    target = rng.normal(size=6).astype(np.float32)
+    closed = influence_scores(nn.Sequential(lin, _Half()), feats, labels, target, 2)
+    generic = influence_scores(Wrapped(), feats, labels, target, 2, batch_size=16)
+    np.testing.assert_allclose(closed, generic, rtol=1e-4, atol=1e-6)
+    assert np.abs(closed).max() > 1e-3
+
+
+class _Half(nn.Module):
+    def forward(self, x):
+        return x * 0.5
+
+
+def test_plain_array_functions():
+    from poisonlab.defenses.filters.confident_learning import confident_learning_scores
+    from poisonlab.defenses.filters.spectral_signatures import spectral_signature_flags, spectral_signature_scores
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(400, 16)).astype(np.float32)
+    labels = np.repeat([0, 1], 200)
+    feats[:30, 3] += 6.0  # a shifted minority in class 0
+    s = spectral_signature_scores(feats, labels)
+    flags = spectral_signature_flags(s, labels, expected_rate=0.15)
+    assert flags[:30].mean() >= 0.9 and flags.sum() == 2 * round(1.5 * 0.15 * 200)
+    probs = np.full((10, 3), 0.05, dtype=np.float32)
+    probs[np.arange(10), np.arange(10) % 3] = 0.9
+    labels3 = np.arange(10) % 3
+    labels3[0] = 1
+    with pytest.raises(ParameterError, match="pred_probs"):
+        confident_learning_scores(labels3, probs[:5])
