@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--widths", default="64,128,256")
     ap.add_argument("--n", type=int, default=50000, help="training images (stratified subset)")
     ap.add_argument("--lr", type=float, default=FAST_RECIPE["lr"])
+    ap.add_argument("--batch-size", type=int, default=FAST_RECIPE["batch_size"])
+    ap.add_argument("--test-size", type=int, default=10000, help="evaluate on a stratified subset (tuning)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--out", default="", help="write the JSON result here too")
@@ -46,11 +48,13 @@ def main() -> None:
     if args.n < len(train):
         train = train.stratified_subset(args.n, seed=0)
     test = load_dataset("cifar10", "test", data_dir=args.data_dir)
+    if args.test_size < len(test):
+        test = test.stratified_subset(args.test_size, seed=0)
     mean, std = channel_stats(train)
     widths = tuple(int(w) for w in args.widths.split(","))
     torch.manual_seed(0)
     model = build_model("fastnet", 3, 10, 32, mean=mean, std=std, widths=widths)
-    recipe = dict(FAST_RECIPE, lr=args.lr, bf16=args.bf16)
+    recipe = dict(FAST_RECIPE, lr=args.lr, batch_size=args.batch_size, bf16=args.bf16)
     results = []
     train_time = 0.0
     cfg = TrainConfig(epochs=args.epochs, **recipe)
