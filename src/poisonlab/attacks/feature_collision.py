@@ -1,0 +1,148 @@
+"""Feature collision (Shafahi et al., "Poison Frogs! Targeted Clean-Label Poisoning
+Attacks on Neural Networks", NeurIPS 2018): clean-label, targeted, against a
+transfer-learning victim (frozen feature extractor, retrained head)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from poisonlab.attacks._perturb import apply_delta, changed, check_class, model_device, pick_targets, to_nchw_float
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_range
+from poisonlab.data.imageset import ImageSet
+from poisonlab.errors import ParameterError
+
+
+@ATTACKS.register("feature_collision")
+class FeatureCollision(Attack):
+    """Poison Frogs: base images of the adversarial class (labels kept) are moved
+    so that, in the clean surrogate's feature space (``model.features``), they
+    sit on top of a target test image, while staying close to the base in
+    input space. A victim that keeps the surrogate's feature extractor and
+    retrains only its head on the poisoned set then labels the target's feature
+    region -- and the target -- with the adversarial class.
+
+    Optimisation (the paper's forward-backward splitting, batched over all
+    poisons): forward step ``x <- x - lr * grad_x ||f(x) - f(t)||^2``, backward
+    (proximal) step ``x <- (x + lr * beta * b) / (1 + lr * beta)``, then clip to
+    [0, 1] (and to the optional L-inf ``epsilon`` ball around the base ``b``).
+    The feature distance is divided by ``||f(t)||^2`` so that ``lr`` does not
+    depend on the architecture's feature scale.
+
+    ``beta`` defaults to the paper's rule ``beta0 * (D_feat / D_in)^2`` with
+    ``beta0 = 0.25`` (the paper: 0.25 * 2048^2 / (299*299*3)^2 for InceptionV3),
+    applied to our normalised distance. The paper's one-shot kill uses a single
+    poison; a small CPU net's head retrained on all data needs a few more, so
+    the default is ``n_poisons=10`` (the paper's end-to-end attack used 50 with a
+    30% watermark; ``opacity`` blends the target into the base as that watermark).
+    The paper stops after at most 1,000 iterations; we default to 300.
+
+    Args:
+        target_index: test index of the target (default: a correctly classified test image of ``target_class``).
+        target_class: class of the automatically chosen target (random if None).
+        adversarial_class: class of the base images, which the target should be given (random other if None).
+        n_poisons: number of poisons (base images of the adversarial class).
+        beta: input-space closeness weight (None: paper's rule).
+        lr: forward-step size.
+        steps: iterations.
+        opacity: watermark: the base starts as ``(1 - opacity) * b + opacity * t``, in [0, 1).
+        epsilon: optional L-inf budget around the base in pixel units (None: unbounded, as in the paper).
+
+    The record sets ``extra["victim"] = "frozen_features"`` (the runner trains the
+    victim with ``fit(clean_model_copy, poisoned, cfg, freeze_body=True)``), holds
+    ``target_indices``/``adversarial_labels``, and the relative feature distance
+    poison-to-target before and after.
+    """
+
+    family = "targeted"
+    needs_clean_model = True
+
+    def __init__(self, target_index: int | None = None, target_class: int | None = None,
+                 adversarial_class: int | None = None, n_poisons: int = 10, beta: float | None = None,
+                 lr: float = 0.05, steps: int = 300, opacity: float = 0.0, epsilon: float | None = None):
+        self.target_index = None if target_index is None else int(check_range(target_index, "target_index", 0, 10**9))
+        self.target_class = None if target_class is None else int(check_range(target_class, "target_class", 0, 10**6))
+        self.adversarial_class = (None if adversarial_class is None
+                                  else int(check_range(adversarial_class, "adversarial_class", 0, 10**6)))
+        if self.target_class is not None and self.target_class == self.adversarial_class:
+            raise ParameterError("adversarial_class must differ from target_class")
+        self.n_poisons = int(check_range(n_poisons, "n_poisons", 1, 10**6))
+        self.beta = None if beta is None else float(check_range(beta, "beta", 0, 1e9))
+        self.lr = float(check_range(lr, "lr", 0, 1e6, lo_open=True))
+        self.steps = int(check_range(steps, "steps", 1, 100_000))
+        self.opacity = float(check_range(opacity, "opacity", 0, 1, hi_open=True))
+        self.epsilon = None if epsilon is None else float(check_range(epsilon, "epsilon", 0, 1, lo_open=True))
+
+    def check(self, train: ImageSet) -> None:
+        who = self.registry_name
+        check_class(self.target_class, "target_class", train.num_classes, who)
+        check_class(self.adversarial_class, "adversarial_class", train.num_classes, who)
+        if self.adversarial_class is not None:
+            have = int((train.labels == self.adversarial_class).sum())
+            if self.n_poisons > have:
+                raise ParameterError(f"{who}: n_poisons={self.n_poisons} but adversarial_class="
+                                     f"{self.adversarial_class} has only {have} training images")
+
+    def _poison(self, train: ImageSet, rng: np.random.Generator, context: AttackContext) -> tuple[ImageSet, Poisoning]:
+        who = self.registry_name
+        if context.test is None:
+            raise ParameterError(f"{who} needs the test set (context.test) to pick its target")
+        model = context.clean_model
+        ti, tc, ac = pick_targets(context.test, model, rng, who, self.target_index, self.target_class,
+                                  self.adversarial_class, 1)
+        pool = np.nonzero(train.labels == ac)[0]
+        if self.n_poisons > len(pool):
+            raise ParameterError(f"{who}: n_poisons={self.n_poisons} but class {ac} has only {len(pool)} "
+                                 "training images")
+        idx = np.sort(rng.choice(pool, size=self.n_poisons, replace=False))
+        x, info = self._collide(model, train.images[idx], context.test.images[ti])
+        images = train.images.copy()
+        if self.epsilon is None:
+            images[idx] = x
+        else:
+            images[idx] = apply_delta(train.images[idx], x.astype(np.float32) / 255 - train.images[idx] / 255,
+                                      self.epsilon)
+        idx = idx[changed(images[idx], train.images[idx])]
+        info.update(victim="frozen_features", target_class=tc, adversarial_class=ac)
+        return (train.with_data(images=images),
+                self._record(idx, train.labels[idx], target_indices=ti, adversarial_labels=np.full(len(ti), ac),
+                             extra=info))
+
+    def _collide(self, model, bases: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Forward-backward splitting for all poisons at once; returns uint8 NHWC poisons and a summary."""
+        model.eval()
+        dev = model_device(model)
+        b = to_nchw_float(bases, dev)
+        t = to_nchw_float(target, dev)
+        with torch.no_grad():
+            ft = model.features(t)
+            scale = ft.pow(2).sum().clamp_min(1e-12)
+            d_feat = ft.shape[1]
+        d_in = b[0].numel()
+        beta = 0.25 * (d_feat / d_in) ** 2 if self.beta is None else self.beta
+        start = ((1 - self.opacity) * b + self.opacity * t).clamp(0, 1)
+        eps = self.epsilon
+
+        def dist(x: torch.Tensor) -> torch.Tensor:  # per poison, relative to ||f(t)||^2
+            return (model.features(x) - ft).pow(2).sum(1) / scale
+
+        with torch.no_grad():
+            d0 = dist(b)
+        x = start.clone()
+        for _ in range(self.steps):
+            x.requires_grad_(True)
+            (g,) = torch.autograd.grad(dist(x).sum(), x)
+            with torch.no_grad():
+                x = x - self.lr * g
+                x = (x + self.lr * beta * b) / (1 + self.lr * beta)
+                if eps is not None:
+                    x = torch.max(torch.min(x, b + eps), b - eps)
+                x = x.clamp(0, 1)
+        # the victim sees uint8 images: measure on the quantised poisons
+        q = x.detach().mul(255).round().div(255)
+        with torch.no_grad():
+            d1 = dist(q)
+        out = (q.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        info = {"beta": beta, "feature_distance_before": float(d0.mean()), "feature_distance_after": float(d1.mean()),
+                "linf_to_base": float((q - b).abs().max())}
+        return out, info
