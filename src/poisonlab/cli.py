@@ -77,17 +77,23 @@ def report(results_dir: Path = typer.Argument(..., help="a directory written by 
 
 def _summary(rows: list[dict]) -> None:
     cols = ["dataset", "model", "training", "attack", "defense", "seed", "clean_acc", "macro_f1", "asr",
-            "robust_acc", "der", "det_f1", "train_seconds", "error"]
+            "robust_acc", "der", "det_f1", "train_seconds"]
     cols = [c for c in cols if any(isinstance(r.get(c), (int, float, str)) and r.get(c) == r.get(c)
                                    and r.get(c) is not None for r in rows)
             and (c not in ("dataset", "model", "training") or len({r.get(c) for r in rows}) > 1)]
     t = Table(title="results")
     for c in cols:
-        t.add_column(c, justify="left" if c in ("dataset", "model", "training", "attack", "defense", "error")
-                     else "right")
+        t.add_column(c, justify="left" if c in ("dataset", "model", "training", "attack", "defense") else "right")
     for r in rows:
-        t.add_row(*[_cell(r.get(c)) for c in cols])
+        t.add_row(*[_cell(r.get(c)) if not r.get("error") or c in ("attack", "defense", "seed") else "failed"
+                    for c in cols])
     console.print(t)
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        console.print(f"{len(failed)} run(s) failed (errors in results.csv, tracebacks in runs/<run>.json):",
+                      highlight=False)
+        for r in failed:
+            console.print(f"  {r['run']}: {r['error']}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _cell(v) -> str:

@@ -63,7 +63,7 @@ class GridProgress:
 
     def line(self) -> str:
         left = self.time_left()
-        return (f"[{self.done + self.failed}/{self.total} done, {len(self.running)} running, {self.failed} failed, "
+        return (f"[{self.done}/{self.total} done, {len(self.running)} running, {self.failed} failed, "
                 f"{fmt_seconds(time.perf_counter() - self.t0)} elapsed"
                 + (f", ~{fmt_seconds(left)} left]" if left is not None else "]"))
 
