@@ -54,8 +54,10 @@ def test_registered_and_listed():
     ("targeted_flip", {"rate": 0}, "rate must be in"),
     ("targeted_flip", {"pairs": [[3, 3]]}, "source and destination must differ"),
     ("targeted_flip", {"pairs": [[3, 5], [3, 6]]}, "source of one pair only"),
-    ("targeted_flip", {"pairs": "most"}, "pairs must be one of"),
-    ("targeted_flip", {"pairs": [[1, 2, 3]]}, r"\[source, destination\]"),
+    ("targeted_flip", {"pairs": "most"}, "pairs must be 'auto'"),
+    ("targeted_flip", {"pairs": "3:5,1"}, "pairs must be 'auto'"),
+    ("targeted_flip", {"pairs": [[1, 2, 3]]}, r"\(source, destination\)"),
+    ("targeted_flip", {"pairs": [1, 2, 3]}, r"\(source, destination\)"),
     ("targeted_flip", {"n_pairs": 0}, "n_pairs must be in"),
     ("targeted_flip", {"confusion": "test"}, "confusion must be one of"),
     ("nn_flip", {"k": 0}, "k must be in"),
@@ -132,6 +134,9 @@ def test_targeted_flip_given_pairs(digits):
         assert moved.sum() == round(0.25 * counts[s])  # rate is a fraction of each source class
     assert set(r.original_labels) == {1, 3} and r.extra["pairs"] == [[3, 5], [1, 9]]
     assert not a.needs_clean_model
+    for same in ("3:5,1:9", [[3, 5], [1, 9]], ((3, 5), (1, 9))):
+        assert get_attack("targeted_flip", pairs=same, rate=0.25).pairs == [[3, 5], [1, 9]]
+    assert get_attack("targeted_flip", pairs=[3, 5]).pairs == [[3, 5]]  # what a config grid hands over
     ps, rs = get_attack("targeted_flip", pairs=[[3, 5]], rate=0.25, symmetric=True).poison(tr, seed=1)
     assert ((tr.labels == 5) & (ps.labels == 3)).sum() == round(0.25 * counts[5])
     assert ((tr.labels == 3) & (ps.labels == 5)).sum() == round(0.25 * counts[3])

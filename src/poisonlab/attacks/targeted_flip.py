@@ -70,7 +70,10 @@ class TargetedLabelFlip(Attack):
     Poisoning Attacks Against Federated Learning Systems" (2020), which flips a
     source class to a chosen target class.
 
-    Pairs are given (``pairs=[[3, 5], [1, 9]]``) or, with ``pairs="auto"``,
+    Pairs are given (``pairs=[[3, 5], [1, 9]]``, one flat pair ``[3, 5]``, or the
+    string ``"3:5,1:9"``, handy in TOML configs where a list-valued parameter is
+    a grid axis: ``pairs = [[3, 5], [1, 9]]`` there means two runs with one
+    pair each) or, with ``pairs="auto"``,
     the ``n_pairs`` most-confused pairs of a clean model, disjoint
     (:func:`most_confused_pairs`). Where the confusion comes from
     (``confusion``):
@@ -93,7 +96,8 @@ class TargetedLabelFlip(Attack):
 
     Args:
         rate: fraction of EACH source class relabelled, (0, 1].
-        pairs: list of ``[source, destination]`` class pairs, or ``"auto"``.
+        pairs: ``"auto"``, a list of ``[source, destination]`` class pairs, one flat
+            pair, or ``"source:destination,..."``.
         n_pairs: number of pairs chosen with ``pairs="auto"``.
         symmetric: also flip ``rate`` of each destination class to its source.
         confusion: ``"soft"`` or ``"holdout"`` (only used with ``pairs="auto"``).
@@ -114,21 +118,32 @@ class TargetedLabelFlip(Attack):
         self.confusion = check_choice(confusion, "confusion", ("soft", "holdout"))
         self.holdout = float(check_range(holdout, "holdout", 0, 0.9, lo_open=True))
         self.confusion_samples = int(check_range(confusion_samples, "confusion_samples", 10, 10 ** 9))
-        if isinstance(pairs, str):
-            self.pairs: list[list[int]] | str = check_choice(pairs, "pairs", ("auto",))
-        else:
-            self.pairs = self._check_pairs(pairs)
+        self.pairs: list[list[int]] | str = "auto" if pairs == "auto" else self._check_pairs(pairs)
         # the clean surrogate is only needed to choose pairs, and only from its soft confusion
         self.needs_clean_model = self.pairs == "auto" and self.confusion == "soft"
 
     @staticmethod
-    def _check_pairs(pairs: Any) -> list[list[int]]:
+    def _parse_pairs(text: str) -> list[list[int]]:
+        try:
+            return [[int(a), int(b)] for a, b in (item.split(":") for item in text.split(","))]
+        except ValueError:
+            raise ParameterError(f"pairs must be 'auto', 'source:destination,...' (e.g. '3:5,1:9') or a list of "
+                                 f"(source, destination) pairs, got {text!r}") from None
+
+    @classmethod
+    def _check_pairs(cls, pairs: Any) -> list[list[int]]:
+        if isinstance(pairs, str):
+            pairs = cls._parse_pairs(pairs)
+        if (isinstance(pairs, (list, tuple)) and len(pairs) == 2
+                and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in pairs)):
+            pairs = [list(pairs)]  # one flat pair, e.g. what a config grid hands over for pairs = [[3, 5], [1, 9]]
         if not isinstance(pairs, (list, tuple)) or not pairs:
-            raise ParameterError(f"pairs must be 'auto' or a non-empty list of [source, destination], got {pairs!r}")
+            raise ParameterError(f"pairs must be 'auto' or a non-empty list of (source, destination) pairs, "
+                                 f"got {pairs!r}")
         out = []
         for p in pairs:
             if not isinstance(p, (list, tuple)) or len(p) != 2:
-                raise ParameterError(f"pairs: each pair must be [source, destination], got {p!r}")
+                raise ParameterError(f"pairs: each pair must be (source, destination), got {p!r}")
             s, d = _check_class(p[0], "pairs source"), _check_class(p[1], "pairs destination")
             if s == d:
                 raise ParameterError(f"pairs: source and destination must differ, got {p!r}")
