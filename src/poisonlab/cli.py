@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from poisonlab.errors import PoisonlabError
@@ -19,7 +20,8 @@ err_console = Console(stderr=True)
 
 
 def _fail(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    # escape: messages quote user input and ranges such as "[0, 9]" that rich would read as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -156,7 +158,7 @@ def main() -> None:
     try:
         app()
     except PoisonlabError as e:  # pragma: no cover - safety net for commands without their own handler
-        err_console.print(f"[bold red]error:[/] {e}")
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
 
 
