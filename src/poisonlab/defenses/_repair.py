@@ -1,0 +1,47 @@
+"""Helpers shared by the training-time, repair and detection defences (not a defence itself)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from torch import nn
+
+from poisonlab.data.imageset import ImageSet
+from poisonlab.errors import ParameterError
+from poisonlab.training.loop import TrainConfig, fit
+
+MIN_CLEAN_PER_CLASS = 5
+"""A trusted clean set needs at least this many images per class of the task (on average)."""
+
+
+def require_clean_set(ctx, who: str, min_per_class: int = MIN_CLEAN_PER_CLASS) -> ImageSet:
+    """``ctx.clean_set``, or a :class:`ParameterError` saying why it cannot be used."""
+    clean = ctx.clean_set
+    if clean is None:
+        raise ParameterError(f"{who} needs a trusted clean set (ctx.clean_set) and none was given")
+    need = min_per_class * ctx.train.num_classes
+    if len(clean) < need:
+        raise ParameterError(
+            f"{who}: the trusted clean set has {len(clean)} images, fewer than the {need} it needs "
+            f"({min_per_class} per class for {ctx.train.num_classes} classes); raise clean_fraction")
+    return clean
+
+
+def finetune_copy(model: nn.Module, data: ImageSet, *, epochs: int, lr: float, batch_size: int, seed: int = 0,
+                  progress: bool = False, description: str = "fine-tune") -> tuple[nn.Module, list[dict]]:
+    """Fine-tune a deep copy of ``model`` on ``data`` (SGD with momentum, cosine decay, no warm-up).
+
+    The copy keeps any forward hooks of ``model`` (fine-pruning's channel masks stay on).
+    """
+    tuned = copy.deepcopy(model)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=min(batch_size, len(data)), schedule="cosine",
+                      warmup_fraction=0.0)
+    hist = fit(tuned, data, cfg, seed=seed, progress=progress, description=description)
+    return tuned, hist
+
+
+def pick(n: int, rate: float, seed: int) -> np.ndarray:
+    """Sorted indices of ``round(rate * n)`` (at least one) of ``n`` items, seeded."""
+    k = max(1, int(round(rate * n)))
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
