@@ -1,0 +1,50 @@
+"""``poisonlab audit DIR --out OUT``: find likely mislabelled images and trigger clusters in an image folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def audit(
+        folder: Path = typer.Argument(..., help="image folder, one sub-folder per class"),
+        out: Path = typer.Option(Path("audit"), "--out", "-o", help="output directory"),
+        folds: int = typer.Option(4, help="cross-validation folds"),
+        epochs: int = typer.Option(6, help="training epochs per fold"),
+        model: str = typer.Option("fastnet", help="network trained on the folds (see `poisonlab list`)"),
+        image_size: int = typer.Option(32, "--image-size", help="images are resized to this square size"),
+        grayscale: bool = typer.Option(False, "--grayscale", help="read images as one channel"),
+        min_confidence: float = typer.Option(0.5, "--min-confidence",
+                                             help="flag a label issue only if the suggested class is this probable"),
+        class_excess: bool = typer.Option(True, "--class-excess/--no-class-excess",
+                                          help="report a trigger cluster only in a class larger than the median "
+                                               "class by about the cluster's size"),
+        seed: int = typer.Option(0, help="random seed"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    ) -> None:
+        """Audit an image folder: writes OUT/suspicious.csv (one row per image) and OUT/report.html."""
+        from rich.console import Console
+
+        from poisonlab.audit import AuditConfig, audit_folder
+        from poisonlab.errors import PoisonlabError
+
+        console = Console()
+        if not folder.is_dir():
+            Console(stderr=True).print(f"[bold red]error:[/] {folder}: not a directory", highlight=False)
+            raise typer.Exit(2)
+        try:
+            cfg = AuditConfig(folds=folds, epochs=epochs, model=model, min_confidence=min_confidence,
+                              require_class_excess=class_excess, seed=seed)
+            res = audit_folder(folder, out, cfg, image_size=image_size, channels=1 if grayscale else 3,
+                               progress=not quiet, log=lambda s: console.print(s, highlight=False))
+        except PoisonlabError as e:
+            Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        n_mis = sum(f == "mislabelled" for f in res.finding)
+        n_trg = sum(f == "trigger" for f in res.finding)
+        console.print(f"{int(res.flagged.sum())} of {len(res.data)} images flagged: {n_mis} likely mislabelled, "
+                      f"{n_trg} in likely trigger clusters; {len(res.unreadable)} unreadable")
+        console.print(f"wrote {out / 'suspicious.csv'} and {out / 'report.html'}")
