@@ -215,10 +215,11 @@ def _wait_rows(f: Path, n: int, proc, timeout: float) -> None:
             pass
         if proc.poll() is not None:
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def test_sigkill_then_resume(tmp_path):
+    """Kill a grid (SIGKILL) after its first run; the same command then runs exactly the other runs."""
     cfg = tmp_path / "g.toml"
     cfg.write_text('name = "resume"\nseeds = [0, 1]\n[dataset]\nname = "digits"\ntrain_size = 400\ntest_size = 150\n'
                    '[training]\nepochs = 2\nbatch_size = 64\n'
@@ -228,12 +229,12 @@ def test_sigkill_then_resume(tmp_path):
     cmd = [sys.executable, "-m", "poisonlab", "run", str(cfg), "--out", str(out), "--quiet"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _wait_rows(out / "results.json", 2, p, 300)
+    _wait_rows(out / "results.json", 1, p, 300)  # kill right after the first run: five remain
     assert p.poll() is None, "the grid finished before it could be killed: " + p.stdout.read().decode()[-2000:]
     p.send_signal(signal.SIGKILL)
     p.wait()
     first = json.loads((out / "results.json").read_text())  # never half-written
-    assert 2 <= len(first) < 6
+    assert 1 <= len(first) < 6
     mtimes = {r["run"]: (out / "runs" / f"{r['run']}.json").stat().st_mtime_ns for r in first}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

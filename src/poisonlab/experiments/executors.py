@@ -80,9 +80,10 @@ def _brief(r: dict[str, Any]) -> str:
 
 
 def run_local(plan: Plan, out: Path, cache: ArtifactCache, data_dir: str | None, progress: bool,
-              on_rows: OnRows, view: GridProgress) -> None:
-    """Run every unit in this process, wave by wave."""
+              on_rows: OnRows, view: GridProgress, preloaded: dict[str, Any] | None = None) -> None:
+    """Run every unit in this process, wave by wave (``preloaded``: data already loaded, by data key)."""
     ws = Workspace(plan, out, cache, data_dir, progress)
+    ws._data.update(preloaded or {})
     ws.status = lambda name, text: view.running.__setitem__(name, text)
     for wave in WAVES:
         for unit in (u for u in plan.units if u.kind == wave):

@@ -65,13 +65,15 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | None 
         return [rows[r] for r in plan.runs if r in rows]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg.model_dump())
+    loaded: dict[str, Data] = {}
     if plan.units:
-        for d in cfg.dataset:  # parameters that do not fit the data fail before any training
-            data = load_data(d, data_dir)
-            for m in cfg.attacks:
-                from poisonlab.attacks import get_attack
+        from poisonlab.attacks import get_attack
 
-                get_attack(m.name, **m.params).check(data.train)
+        for cell in plan.cells:  # parameters that do not fit the data fail before any training
+            if cell.data_key not in loaded:
+                loaded[cell.data_key] = data = load_data(cfg.dataset[cell.dataset], data_dir)
+                for m in cfg.attacks:
+                    get_attack(m.name, **m.params).check(data.train)
     tracker = None
     if mlflow_uri:
         from poisonlab.experiments.tracking import MlflowTracker
@@ -91,7 +93,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | None 
         run_ray(plan, out, cache, data_dir, on_rows, view, address=address, num_cpus=num_cpus,
                 cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, log=log)
     else:
-        run_local(plan, out, cache, data_dir, progress, on_rows, view)
+        run_local(plan, out, cache, data_dir, progress, on_rows, view, preloaded=loaded)
     final = [rows[r] for r in plan.runs if r in rows]
     write_results(out, final)
     if report and final:
