@@ -185,7 +185,7 @@ class GradientMatching(Attack):
                     with torch.no_grad():
                         nd = (delta[sl] - step * g.sign()).clamp(-eps, eps)
                         delta[sl] = (x0[sl] + nd).clamp(0, 1) - x0[sl]
-                    losses.append(float(loss) * (min(i + self.batch_size, len(x0)) - i))
+                    losses.append(float(loss.detach()) * (min(i + self.batch_size, len(x0)) - i))
                 curve.append(1 - sum(losses) / len(x0))
             final = self._loss(model, params, x0, y0, delta, tgrad, tnorm)
             runs.append({"alignment_per_step": [round(c, 4) for c in curve], "final_alignment": 1 - final})
