@@ -219,16 +219,26 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     median = float(np.median(counts[counts > 0]))
     for c, idx in class_indices(y):
         small = int(ac_flags[idx].sum())
-        excess = counts[c] - median
-        info = ac_info["classes"].get(str(c))
-        if info is not None:
-            info["excess_over_median_class"] = round(excess, 1)
+        excess = float(counts[c] - median)
+        info = ac_info["classes"].setdefault(str(c), {})
+        info["excess_over_median_class"] = round(excess, 1)
+        if not cfg.require_class_excess:
+            continue
         # a dirty-label backdoor adds its poisons to the target class: the suspicious cluster
         # should be about as large as that class's excess over a typical class
-        if small and cfg.require_class_excess and not (excess > 0 and 0.5 * excess <= small <= 2 * excess):
+        if small and not (excess > 0 and 0.5 * excess <= small <= 2 * excess):
             ac_flags[idx] = False
-            if info is not None:
-                info["suspicious"] = False
+            info["suspicious"] = False
+        # a clearly inflated class whose 2-means split missed the poisons: the excess estimates
+        # Tran et al.'s epsilon, so flag that many of its images, ranked by the mean within-class
+        # rank of the spectral-signature and PCA + k-means scores
+        significant = excess >= max(3.0 * np.sqrt(median), 0.1 * median)
+        if significant and not ac_flags[idx].any():
+            rank = (np.argsort(np.argsort(s["spectral_signatures"][idx])) +
+                    np.argsort(np.argsort(s["pca_kmeans"][idx]))) / 2.0
+            ac_flags[idx[top_k_mask(rank, int(round(excess)))]] = True
+            info["suspicious"] = True
+            info["by_excess"] = True
     mislabelled = f["confident_learning"]
     trigger = ac_flags & ~mislabelled
     flagged = mislabelled | trigger
