@@ -27,7 +27,8 @@ class FeatureCollision(Attack):
     (proximal) step ``x <- (x + lr * beta * b) / (1 + lr * beta)``, then clip to
     [0, 1] (and to the optional L-inf ``epsilon`` ball around the base ``b``).
     The feature distance is divided by ``||f(t)||^2`` so that ``lr`` does not
-    depend on the architecture's feature scale.
+    depend on the architecture's feature scale, and a step that raises a
+    poison's objective is rejected and that poison's step size halved.
 
     ``beta`` defaults to the paper's rule ``beta0 * (D_feat / D_in)^2`` with
     ``beta0 = 0.25`` (the paper: 0.25 * 2048^2 / (299*299*3)^2 for InceptionV3),
@@ -128,16 +129,30 @@ class FeatureCollision(Attack):
 
         with torch.no_grad():
             d0 = dist(b)
+
+        def objective(x: torch.Tensor) -> torch.Tensor:
+            return dist(x) + beta * (x - b).pow(2).flatten(1).sum(1)
+
         x = start.clone()
+        lr = torch.full((len(x), 1, 1, 1), self.lr, device=dev)
+        with torch.no_grad():
+            obj = objective(x)
         for _ in range(self.steps):
             x.requires_grad_(True)
             (g,) = torch.autograd.grad(dist(x).sum(), x)
             with torch.no_grad():
-                x = x - self.lr * g
-                x = (x + self.lr * beta * b) / (1 + self.lr * beta)
+                nx = x - lr * g
+                nx = (nx + lr * beta * b) / (1 + lr * beta)
                 if eps is not None:
-                    x = torch.max(torch.min(x, b + eps), b - eps)
-                x = x.clamp(0, 1)
+                    nx = torch.max(torch.min(nx, b + eps), b - eps)
+                nx = nx.clamp(0, 1)
+                # a step that raises a poison's objective is rejected and that poison's step halved
+                # (the feature scale differs between nets, so a fixed lr can diverge)
+                nobj = objective(nx)
+                ok = nobj <= obj
+                x = torch.where(ok[:, None, None, None], nx, x.detach())
+                obj = torch.where(ok, nobj, obj)
+                lr = torch.where(ok[:, None, None, None], lr, lr / 2)
         # the victim sees uint8 images: measure on the quantised poisons
         q = x.detach().mul(255).round().div(255)
         with torch.no_grad():
