@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from poisonlab.attacks.base import check_range, check_rate
 from poisonlab.defenses._repair import finetune_copy, pick, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
