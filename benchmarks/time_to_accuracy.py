@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from poisonlab.data import load_dataset
-from poisonlab.experiments.runner import channel_stats
+from poisonlab.experiments.stages import channel_stats
 from poisonlab.models import build_model
 from poisonlab.training import TrainConfig, fit, predict_proba
 
-FAST_RECIPE = dict(batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+FAST_RECIPE = dict(batch_size=512, optimizer="sgd", lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4,
                    label_smoothing=0.2, schedule="onecycle", warmup_fraction=0.15, crop_padding=2, flip=True,
                    channels_last=True)
 

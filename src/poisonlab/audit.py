@@ -109,18 +109,13 @@ class AuditResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _channel_stats(data: ImageSet) -> tuple[list[float], list[float]]:
-    x = data.images.reshape(-1, data.shape[-1]).astype(np.float32) / 255
-    return x.mean(0).tolist(), np.maximum(x.std(0), 1e-3).tolist()
-
-
 def _trainer(data: ImageSet, cfg: AuditConfig, progress: bool) -> Callable[..., torch.nn.Module]:
     from poisonlab.models import build_model
     from poisonlab.training.loop import TrainConfig, fit
     from poisonlab.utils import seed_everything
 
     h, _, c = data.shape
-    mean, std = _channel_stats(data)
+    mean, std = data.channel_stats()
     small = min(h, data.shape[1]) < 16
     recipe = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, label_smoothing=0.0,
                          crop_padding=(0 if small else 2) if cfg.augment else 0, flip=cfg.augment and not small)

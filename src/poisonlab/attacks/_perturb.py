@@ -17,6 +17,7 @@ from torch import nn
 
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+from poisonlab.data.imageset import channel_stats  # noqa: F401  (re-exported for the attacks)
 
 
 def eps_levels(epsilon: float) -> int:
@@ -73,12 +74,6 @@ def fgsm_direction(model: nn.Module, images: np.ndarray, labels: np.ndarray, bat
         (g,) = torch.autograd.grad(loss, x)
         out.append(g.sign().cpu())
     return torch.cat(out) if out else torch.empty(0)
-
-
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units (for a surrogate's normalisation)."""
-    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255
-    return x.mean(0).tolist(), np.maximum(x.std(0), 1e-3).tolist()
 
 
 def check_class(value: int | None, name: str, num_classes: int, who: str) -> None:

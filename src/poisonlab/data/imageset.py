@@ -59,6 +59,10 @@ class ImageSet:
         """Image shape ``(H, W, C)``."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std in [0, 1] units (the models normalise with them)."""
+        return channel_stats(self.images)
+
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
 
@@ -129,6 +133,12 @@ class ImageSet:
     def float_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Images as float NCHW in [0, 1]."""
         return to_float(self.tensors(device)[0])
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 NHWC images in [0, 1] units; std floored at 1e-3."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255
+    return x.mean(0).tolist(), np.maximum(x.std(0), 1e-3).tolist()
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:

@@ -234,8 +234,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentCo
         raise ConfigError(_format_validation_error(source, e, data)) from None
 
 
-def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:
-    """Read and validate a TOML or YAML experiment config; errors name the file and the field."""
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a TOML or YAML file into a dict; a missing, unparsable or non-table file is a :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -251,4 +251,9 @@ def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:
         raise ConfigError(f"{path}: cannot parse ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a table/mapping")
-    return parse_config(data, str(path))
+    return data
+
+
+def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:
+    """Read and validate a TOML or YAML experiment config; errors name the file and the field."""
+    return parse_config(read_config_file(path), str(path))

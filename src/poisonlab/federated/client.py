@@ -22,8 +22,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from poisonlab.attacks import AttackContext, get_attack
-from poisonlab.data import ImageSet, load_dataset
+from poisonlab.data import ImageSet
 from poisonlab.experiments.config import DatasetConfig
+from poisonlab.experiments.stages import Data, load_data
 from poisonlab.federated.malicious import DATA_MODES, NO_TRAINING, transform_update
 from poisonlab.federated.partition import partition
 from poisonlab.models import build_model
@@ -78,37 +79,15 @@ def malicious_ids(num_clients: int, num_malicious: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(num_clients, size=num_malicious, replace=False))
 
 
-@dataclass
-class Data:
-    train: ImageSet
-    test: ImageSet
-
-
 def load_federated_data(dataset: dict[str, Any] | DatasetConfig, data_dir: str | None) -> Data:
-    """The configured train/test slices, taken as a centralised run takes them (stratified, seed 0)."""
+    """The configured train/test slices, taken exactly as a centralised run takes them."""
     d = dataset if isinstance(dataset, DatasetConfig) else DatasetConfig.model_validate(dataset)
-    kw = dict(data_dir=data_dir or d.data_dir, download=d.download, path=d.path, image_size=d.image_size)
-    train = load_dataset(d.name, "train", **kw)
-    if d.name == "folder":  # one folder: hold out a stratified test split
-        train, test, _, _ = train.split(0.2, seed=0)
-    else:
-        test = load_dataset(d.name, "test", **kw)
-    if d.train_size and d.train_size < len(train):
-        train = train.stratified_subset(d.train_size, seed=0)
-    if d.test_size and d.test_size < len(test):
-        test = test.stratified_subset(d.test_size, seed=0)
-    return Data(train, test)
-
-
-def channel_stats(train: ImageSet) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the training slice (the models normalise with them)."""
-    x = train.images.reshape(-1, train.shape[-1]).astype(np.float64) / 255
-    return x.mean(0).tolist(), np.maximum(x.std(0), 1e-3).tolist()
+    return load_data(d, data_dir)
 
 
 def new_model(spec: ClientSpec, train: ImageSet) -> torch.nn.Module:
     h, _, c = train.shape
-    mean, std = channel_stats(train)
+    mean, std = train.channel_stats()
     return build_model(spec.model, c, train.num_classes, h, mean=mean, std=std, **spec.model_params)
 
 

@@ -36,15 +36,13 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from poisonlab.errors import ConfigError, ParameterError
-from poisonlab.experiments.config import DatasetConfig, MethodConfig, ModelConfig, _format_validation_error
+from poisonlab.experiments.config import (DatasetConfig, MethodConfig, ModelConfig, _format_validation_error,
+                                          read_config_file)
 from poisonlab.federated.malicious import DATA_MODES, MODES
 from poisonlab.training.loop import TrainConfig
 
@@ -177,21 +175,7 @@ def parse_federated_config(data: dict[str, Any], source: str = "<config>") -> Fe
 
 def load_federated_config(path: str | os.PathLike[str]) -> FederatedConfig:
     """Read and validate a TOML or YAML federated config; errors name the file and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"{path}: config must be .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot parse ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a table/mapping")
+    data = read_config_file(path)
     try:
         return parse_federated_config(data, str(path))
     except ParameterError as e:
