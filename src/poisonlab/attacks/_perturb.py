@@ -140,3 +140,14 @@ def predict_classes(model: nn.Module, images: np.ndarray, batch_size: int = 1024
     out = [model(to_nchw_float(images[i:i + batch_size], dev)).argmax(1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.int64)
+
+
+def check_target_pair(target_class: int | None, adversarial_class: int | None) -> tuple[int | None, int | None]:
+    """Validate the optional target and adversarial classes of a targeted attack (they must differ)."""
+    from poisonlab.attacks.base import check_range
+
+    t = None if target_class is None else int(check_range(target_class, "target_class", 0, 10**6))
+    a = None if adversarial_class is None else int(check_range(adversarial_class, "adversarial_class", 0, 10**6))
+    if t is not None and t == a:
+        raise ParameterError("adversarial_class must differ from target_class")
+    return t, a

@@ -186,6 +186,13 @@ def n_poison(rate: float, n: int, who: str = "attack") -> int:
     return min(k, n)
 
 
+def sample_from_class(train: ImageSet, cls: int, rate: float, rng: np.random.Generator, who: str) -> np.ndarray:
+    """Sorted indices of ``rate`` of the samples of class ``cls`` (clean-label attacks poison one class)."""
+    pool = np.nonzero(train.labels == cls)[0]
+    k = n_poison(rate, len(pool), who)
+    return np.sort(rng.choice(pool, size=k, replace=False))
+
+
 def check_rate(rate: float, name: str = "rate") -> float:
     if not isinstance(rate, (int, float)) or not 0 < rate <= 1:
         raise ParameterError(f"{name} must be in (0, 1], got {rate!r}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from poisonlab.attacks._perturb import apply_delta, changed, check_class, model_device, pick_targets, to_nchw_float
+from poisonlab.attacks._perturb import (apply_delta, changed, check_class, check_target_pair, model_device, pick_targets,
+                                        to_nchw_float)
 from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_range
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
@@ -62,11 +63,7 @@ class FeatureCollision(Attack):
                  adversarial_class: int | None = None, n_poisons: int = 10, beta: float | None = None,
                  lr: float = 0.05, steps: int = 300, opacity: float = 0.0, epsilon: float | None = None):
         self.target_index = None if target_index is None else int(check_range(target_index, "target_index", 0, 10**9))
-        self.target_class = None if target_class is None else int(check_range(target_class, "target_class", 0, 10**6))
-        self.adversarial_class = (None if adversarial_class is None
-                                  else int(check_range(adversarial_class, "adversarial_class", 0, 10**6)))
-        if self.target_class is not None and self.target_class == self.adversarial_class:
-            raise ParameterError("adversarial_class must differ from target_class")
+        self.target_class, self.adversarial_class = check_target_pair(target_class, adversarial_class)
         self.n_poisons = int(check_range(n_poisons, "n_poisons", 1, 10**6))
         self.beta = None if beta is None else float(check_range(beta, "beta", 0, 1e9))
         self.lr = float(check_range(lr, "lr", 0, 1e6, lo_open=True))

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poisonlab.attacks._perturb import apply_delta, changed, check_class, model_device, pick_targets, to_nchw_float
+from poisonlab.attacks._perturb import (apply_delta, changed, check_class, check_target_pair, model_device, pick_targets,
+                                        to_nchw_float)
 from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_range
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
@@ -92,11 +93,7 @@ class GradientMatching(Attack):
         self.budget = float(check_range(budget, "budget", 0, 1, lo_open=True))
         self.epsilon = float(check_range(epsilon, "epsilon", 0, 1, lo_open=True))
         self.target_index = target_index
-        self.target_class = None if target_class is None else int(check_range(target_class, "target_class", 0, 10**6))
-        self.adversarial_class = (None if adversarial_class is None
-                                  else int(check_range(adversarial_class, "adversarial_class", 0, 10**6)))
-        if self.target_class is not None and self.target_class == self.adversarial_class:
-            raise ParameterError("adversarial_class must differ from target_class")
+        self.target_class, self.adversarial_class = check_target_pair(target_class, adversarial_class)
         self.n_targets = int(check_range(n_targets, "n_targets", 1, 10**6))
         self.steps = int(check_range(steps, "steps", 1, 100_000))
         self.restarts = int(check_range(restarts, "restarts", 1, 1000))

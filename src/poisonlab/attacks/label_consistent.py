@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonlab.attacks.base import (ATTACKS, Attack, AttackContext, Poisoning, Trigger, check_choice, check_range,
-                                    check_rate, n_poison)
+                                    check_rate, sample_from_class)
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
 
@@ -173,9 +173,7 @@ class LabelConsistentBackdoor(Attack):
     def _poison(self, train: ImageSet, rng: np.random.Generator, context: AttackContext) -> tuple[ImageSet, Poisoning]:
         from poisonlab.data.imageset import to_uint8_nhwc
 
-        pool = np.nonzero(train.labels == self.target)[0]
-        k = n_poison(self.rate, len(pool), self.registry_name)
-        idx = np.sort(rng.choice(pool, size=k, replace=False))
+        idx = sample_from_class(train, self.target, self.rate, rng, self.registry_name)
         x8 = torch.from_numpy(np.ascontiguousarray(train.images[idx])).permute(0, 3, 1, 2)
         x = x8.float().div(255)
         y = torch.from_numpy(train.labels[idx])

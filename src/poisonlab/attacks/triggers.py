@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from poisonlab.attacks.base import (ATTACKS, Attack, AttackContext, Poisoning, Trigger, check_choice, check_range,
-                                    check_rate, n_poison)
+                                    check_rate, sample_from_class)
 from poisonlab.attacks.badnets import PoisonByTrigger
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
@@ -235,9 +235,7 @@ class SIG(Attack):
         return int((train.labels == self.target).sum())
 
     def _poison(self, train: ImageSet, rng: np.random.Generator, context: AttackContext) -> tuple[ImageSet, Poisoning]:
-        pool = np.nonzero(train.labels == self.target)[0]
-        k = n_poison(self.rate, len(pool), self.registry_name)
-        idx = np.sort(rng.choice(pool, size=k, replace=False))
+        idx = sample_from_class(train, self.target, self.rate, rng, self.registry_name)
         images = train.images.copy()
         images[idx] = self.trigger.apply(train.images[idx])
         return (train.with_data(images=images),
