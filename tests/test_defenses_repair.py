@@ -1,10 +1,13 @@
 """Repair and detection defences on one BadNets model of the digits data (trained once per module)."""
 
+import functools
 import copy
 
 import numpy as np
 import pytest
 import torch
+
+from helpers import WIDTHS, train_small
 
 from poisonlab.attacks import get_attack
 from poisonlab.defenses import DefenseContext, get_defense
@@ -13,19 +16,8 @@ from poisonlab.defenses.neural_cleanse import mad_anomaly_index
 from poisonlab.defenses.strip import strip_entropy
 from poisonlab.errors import ParameterError
 from poisonlab.metrics import evaluate
-from poisonlab.models import build_model
-from poisonlab.training import TrainConfig, fit
 
-WIDTHS = (16, 32, 64)
-
-
-def _train_model(train, sample_weight=None, description="train", history_out=None, **over):
-    torch.manual_seed(0)
-    m = build_model("fastnet", 1, train.num_classes, 8, widths=WIDTHS)
-    h = fit(m, train, TrainConfig(**({"epochs": 6, "batch_size": 64} | over)), sample_weight=sample_weight)
-    if history_out is not None:
-        history_out.extend(h)
-    return m
+_train_model = functools.partial(train_small, epochs=6)
 
 
 @pytest.fixture(scope="module")

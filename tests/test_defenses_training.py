@@ -1,9 +1,12 @@
 """Training-time defences: robust recipe, learning-to-reweight, partition/bootstrap ensembles with DPA."""
 
+import functools
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from helpers import train_small
 
 from poisonlab.attacks import get_attack
 from poisonlab.defenses import DefenseContext, get_defense
@@ -11,19 +14,9 @@ from poisonlab.defenses.ensemble import VoteEnsemble, dpa_certified_radius, hash
 from poisonlab.defenses.reweighting import L2RWeights
 from poisonlab.errors import ParameterError
 from poisonlab.metrics import evaluate
-from poisonlab.models import build_model
-from poisonlab.training import TrainConfig, fit, predict_proba
+from poisonlab.training import predict_proba
 
-WIDTHS = (16, 32, 64)
-
-
-def _train_model(train, sample_weight=None, description="train", history_out=None, **over):
-    torch.manual_seed(0)
-    m = build_model("fastnet", 1, train.num_classes, 8, widths=WIDTHS)
-    h = fit(m, train, TrainConfig(**({"epochs": 4, "batch_size": 64} | over)), sample_weight=sample_weight)
-    if history_out is not None:
-        history_out.extend(h)
-    return m
+_train_model = functools.partial(train_small, epochs=4)
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,21 @@ def test_lists_expand_and_errors_name_the_field():
     assert "training.epochs" in str(e.value)
 
 
+def test_apply_to_limits_a_defence_to_named_attacks():
+    cfg = parse_config({"attacks": [{"name": "random_flip", "rate": 0.2}, {"name": "badnets", "size": 2}],
+                        "defenses": [{"name": "t_noop_a", "apply_to": ["badnets"]},
+                                     {"name": "t_noop_a", "level": 2}]})
+    plan = build_plan(cfg, estimate=False)
+    defended = sorted((r.attack_label, r.defense_label) for r in plan.runs.values() if r.kind == "defense")
+    assert defended == [("badnets(size=2)", "t_noop_a"), ("badnets(size=2)", "t_noop_a(level=2)"),
+                        ("random_flip(rate=0.2)", "t_noop_a(level=2)")]
+    assert "limited by apply_to" in plan.describe()
+    with pytest.raises(ConfigError) as e:
+        parse_config({"attacks": [{"name": "random_flip"}],
+                      "defenses": [{"name": "t_noop_a", "apply_to": ["blended"]}]})
+    assert "defenses[0] (t_noop_a): apply_to names 'blended', which is not an attack of this config" in str(e.value)
+
+
 def test_train_once_share_and_reuse_across_grids(tmp_path, count_fit):
     """1 dataset x 1 model x 3 attacks x 4 defences (2 retraining): 1 + 3 + 2 x 3 trainings, then none."""
     defs = [{"name": "t_filter_a"}, {"name": "t_filter_b", "top": 0.15}, {"name": "t_noop_a"}, {"name": "t_noop_b"}]

@@ -9,7 +9,6 @@ import pytest
 from poisonlab.defenses import DEFENSES, Filter, FilterOutput
 from poisonlab.experiments import parse_config
 from poisonlab.experiments.runner import run_experiment
-from poisonlab.report.html import write_report
 
 
 class _LabelDisagreement(Filter):

@@ -38,6 +38,16 @@ class DatasetSource:
 _MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _idx_source(folder: str, base_url: str, md5s: tuple[str, str, str, str]) -> DatasetSource:
+    """MNIST-layout data: the four gzipped idx files under ``base_url``, with their MD5s in ``_IDX_FILES`` order."""
+    return DatasetSource(folder=folder,
+                         files=tuple(RemoteFile(base_url + f + ".gz", md5, f + ".gz") for f, md5 in zip(_IDX_FILES, md5s)),
+                         required=_IDX_FILES)
+
+
 SOURCES: dict[str, DatasetSource] = {
     "cifar10": DatasetSource(
         folder="cifar-10-batches-py",
@@ -46,26 +56,11 @@ SOURCES: dict[str, DatasetSource] = {
         required=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
         extract_tar=True,
     ),
-    "mnist": DatasetSource(
-        folder="mnist",
-        files=(
-            RemoteFile(_MNIST + "train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", "train-images-idx3-ubyte.gz"),
-            RemoteFile(_MNIST + "train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", "train-labels-idx1-ubyte.gz"),
-            RemoteFile(_MNIST + "t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", "t10k-images-idx3-ubyte.gz"),
-            RemoteFile(_MNIST + "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", "t10k-labels-idx1-ubyte.gz"),
-        ),
-        required=("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-    ),
-    "fashion_mnist": DatasetSource(
-        folder="fashion-mnist",
-        files=(
-            RemoteFile(_FASHION + "train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "train-images-idx3-ubyte.gz"),
-            RemoteFile(_FASHION + "train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe", "train-labels-idx1-ubyte.gz"),
-            RemoteFile(_FASHION + "t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79", "t10k-images-idx3-ubyte.gz"),
-            RemoteFile(_FASHION + "t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", "t10k-labels-idx1-ubyte.gz"),
-        ),
-        required=("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-    ),
+    "mnist": _idx_source("mnist", _MNIST, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                          "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")),
+    "fashion_mnist": _idx_source("fashion-mnist", _FASHION,
+                                 ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                  "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310")),
 }
 
 

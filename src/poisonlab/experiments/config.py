@@ -74,10 +74,17 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
+    apply_to: list[str] | None = Field(
+        None, min_length=1,
+        description="defences only: the attacks (names or labels) this defence runs on; all when unset")
 
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    def applies_to(self, attack: "MethodConfig") -> bool:
+        """Whether this defence entry runs on the poisoned model of ``attack``."""
+        return self.apply_to is None or attack.name in self.apply_to or attack.label in self.apply_to
 
     @property
     def label(self) -> str:
@@ -179,11 +186,11 @@ class ExperimentConfig(BaseModel):
                 out.append(m)  # reported by the after-validator with its index
                 continue
             defaults = registry.defaults(m["name"])
-            keep = frozenset(k for k, d in defaults.items() if isinstance(d, (list, tuple))) | {"name"}
+            keep = frozenset(k for k, d in defaults.items() if isinstance(d, (list, tuple))) | {"name", "apply_to"}
             try:
                 variants = expand_table(m, keep)
                 for v in variants:  # checked here so that the error names the entry as written
-                    build(v["name"], **{k: x for k, x in v.items() if k != "name"})
+                    build(v["name"], **{k: x for k, x in v.items() if k not in ("name", "apply_to")})
             except (ParameterError, ConfigError, TypeError, ValueError) as e:
                 raise ValueError(f"[{i}] ({m['name']}): {e}") from None
             out.extend(variants)
@@ -204,9 +211,18 @@ class ExperimentConfig(BaseModel):
                 build(m.name, **m.params)
             except (ParameterError, ConfigError, TypeError, ValueError) as e:
                 raise ValueError(f"[{i}] ({m.name}): {e}") from None
-            if m.label in seen:
+            if m.label in seen and m.apply_to is None:
                 raise ValueError(f"[{i}] ({m.name}): {m.label} is listed twice")
             seen.add(m.label)
+            if m.apply_to is not None:
+                if info.field_name == "attacks":
+                    raise ValueError(f"[{i}] ({m.name}): apply_to is for defences only")
+                attacks = info.data.get("attacks") or []
+                known = {a.name for a in attacks} | {a.label for a in attacks}
+                for a in m.apply_to:
+                    if a not in known:
+                        raise ValueError(f"[{i}] ({m.name}): apply_to names {a!r}, which is not an attack of this "
+                                         f"config; attacks: {', '.join(sorted(known)) or '(none)'}")
         return methods
 
 

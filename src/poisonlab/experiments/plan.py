@@ -100,11 +100,12 @@ class Plan:
     def describe(self) -> str:
         cfg = self.cfg
         n_att, n_def = len(cfg.attacks), len(cfg.defenses)
-        per_cell = int(cfg.baseline) + n_att * (1 + n_def)
+        per_cell = len(self.runs) // max(1, len(self.cells))
         lines = [
             f"plan: {len(self.runs)} runs = {len(cfg.dataset)} dataset(s) x {len(cfg.model)} model(s) x "
             f"{len(cfg.training)} recipe(s) x {len(cfg.seeds)} seed(s) x {per_cell} per cell "
-            f"({'1 baseline + ' if cfg.baseline else ''}{n_att} attack(s) x (1 + {n_def} defence(s)))",
+            f"({'1 baseline + ' if cfg.baseline else ''}{n_att} attack(s) x (1 + {n_def} defence(s))"
+            + ("; some defences limited by apply_to)" if any(d.apply_to for d in cfg.defenses) else ")"),
             f"  done already: {len(self.done)}; to run: {len(self.todo)}"
             + (f" (of which {len(self.failed_before)} failed before and are retried)" if self.failed_before else ""),
             f"  trainings: {self.trainings_needed} to do, {self.trainings_reused} reused from the cache "
@@ -217,6 +218,8 @@ def build_plan(cfg: ExperimentConfig, out: str | Path | None = None, cache: Arti
                         units.append(au)
                         du = Unit("defenses", cell.index, ai)
                         for dj, dinfo in enumerate(defense_info):
+                            if not cfg.defenses[dj].applies_to(cfg.attacks[ai]):
+                                continue
                             du.defenses.append(dj)
                             du.runs.append(add("defense", ai, dj, defense_key(victim_key, dinfo, cfg.clean_fraction)))
                         if du.defenses:
