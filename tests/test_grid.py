@@ -1,5 +1,6 @@
 """Grids: expansion and planning, the artifact cache (train once), failures, and resume after SIGKILL."""
 
+import itertools
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from poisonlab.experiments.runner import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 SEEN_CACHES: list = []
+_CACHE_TOKENS = itertools.count()
 
 
 # ---- test-only defences, registered for this module and removed afterwards --------------------------
@@ -31,7 +33,10 @@ class _TestFilter(Filter):
         self.top = top
 
     def score(self, ctx):
-        SEEN_CACHES.append((self.registry_name, id(ctx.cache), "features" in ctx.cache))
+        had = "features" in ctx.cache
+        # a token kept in the dict, not id(): ids of collected dicts are reused, which merged two caches here
+        token = ctx.cache.setdefault("_test_token", next(_CACHE_TOKENS))
+        SEEN_CACHES.append((self.registry_name, token, had))
         f = ctx.features()
         y = ctx.train.labels
         means = np.stack([f[y == k].mean(0) if (y == k).any() else np.zeros(f.shape[1])
