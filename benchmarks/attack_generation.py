@@ -39,7 +39,7 @@ def _log(rows: list[dict], row: dict) -> None:
 
 def _surrogate(train, epochs: int, seed: int):
     from poisonlab import TrainConfig, build_model, fit
-    from poisonlab.attacks._perturb import channel_stats
+    from poisonlab.data.imageset import channel_stats
 
     h, _, c = train.shape
     m = build_model("fastnet", c, train.num_classes, h, *channel_stats(train.images))
@@ -87,7 +87,7 @@ def timing(args, rows: list[dict]) -> None:
 def success(args, rows: list[dict]) -> None:
     from poisonlab import TrainConfig, build_model, fit, get_attack, load_dataset
     from poisonlab.attacks import AttackContext
-    from poisonlab.attacks._perturb import channel_stats
+    from poisonlab.data.imageset import channel_stats
     from poisonlab.training import predict_proba
 
     train = load_dataset("cifar10", "train", data_dir=args.data_dir).stratified_subset(args.success_train, seed=0)

@@ -16,7 +16,6 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 
 from poisonlab.data import load_dataset

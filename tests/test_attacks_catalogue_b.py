@@ -9,7 +9,7 @@ import torch
 
 from poisonlab import TrainConfig, build_model, fit, get_attack
 from poisonlab.attacks import AttackContext
-from poisonlab.attacks._perturb import channel_stats
+from poisonlab.data.imageset import channel_stats
 from poisonlab.errors import ParameterError
 from poisonlab.metrics import evaluate
 from poisonlab.training import predict_proba

@@ -127,6 +127,25 @@ def test_apply_to_limits_a_defence_to_named_attacks():
     assert "defenses[0] (t_noop_a): apply_to names 'blended', which is not an attack of this config" in str(e.value)
 
 
+def test_filter_without_retraining_detects_only(tmp_path, count_fit):
+    cfg = _cfg([{"name": "t_filter_a", "retrain": False}, {"name": "t_filter_a"}],
+               attacks=[{"name": "badnets", "size": 2, "target": 0, "rate": 0.1}])
+    both = _cfg([{"name": "t_filter_a"}, {"name": "t_filter_b"}], attacks=cfg.model_dump()["attacks"])
+    needed = [build_plan(c, tmp_path / "p", ArtifactCache(tmp_path / "p" / "cache"), estimate=False).trainings_needed
+              for c in (cfg, both)]
+    assert needed[1] - needed[0] == 1  # the detect-only filter trains nothing
+    rows = run_experiment(cfg, tmp_path, progress=False, log=lambda s: None)
+    assert len(count_fit) == 3, count_fit
+    attack = next(r for r in rows if r["defense"] == "none" and r["attack"] != "none")
+    detect = next(r for r in rows if r["defense"] == "t_filter_a(retrain=False)")
+    full = next(r for r in rows if r["defense"] == "t_filter_a")
+    # same scores and flags either way; only the retrained model differs from the poisoned one
+    assert detect["det_f1"] == full["det_f1"] and 0 <= detect["det_recall"] <= 1
+    assert detect["clean_acc"] == attack["clean_acc"] and detect["asr"] == attack["asr"]
+    with pytest.raises(ConfigError, match=r"defenses\[0\] \(t_noop_a\): retrain = false is for filter defences only"):
+        _cfg([{"name": "t_noop_a", "retrain": False}])
+
+
 def test_train_once_share_and_reuse_across_grids(tmp_path, count_fit):
     """1 dataset x 1 model x 3 attacks x 4 defences (2 retraining): 1 + 3 + 2 x 3 trainings, then none."""
     defs = [{"name": "t_filter_a"}, {"name": "t_filter_b", "top": 0.15}, {"name": "t_noop_a"}, {"name": "t_noop_b"}]

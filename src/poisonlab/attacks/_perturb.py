@@ -17,7 +17,6 @@ from torch import nn
 
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
-from poisonlab.data.imageset import channel_stats  # noqa: F401  (re-exported for the attacks)
 
 
 def eps_levels(epsilon: float) -> int:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from poisonlab.attacks._perturb import apply_delta, changed, channel_stats, check_class, to_nchw_float
+from poisonlab.attacks._perturb import apply_delta, changed, check_class, to_nchw_float
+from poisonlab.data.imageset import channel_stats
 from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_choice, check_range, check_rate
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError

@@ -127,10 +127,16 @@ class FilterOutput:
 
 
 class Filter(Defense):
-    """A data filter: :meth:`score` the training set, drop the flagged samples, retrain."""
+    """A data filter: :meth:`score` the training set, drop the flagged samples, retrain.
+
+    Set ``retrain = False`` on an instance to score and flag only: the result then
+    carries the detection metrics and the unchanged poisoned model (``kept`` still
+    says what retraining would have used).
+    """
 
     kind = "filter"
     retrains = True
+    retrain: bool = True
 
     @abstractmethod
     def score(self, ctx: DefenseContext) -> FilterOutput:
@@ -147,7 +153,7 @@ class Filter(Defense):
         if keep.sum() == 0:
             raise ValueError(f"{self.registry_name} flagged every training sample; nothing left to train on")
         t1 = time.perf_counter()
-        model = ctx.train_model(ctx.train.subset(np.nonzero(keep)[0]))
+        model = ctx.train_model(ctx.train.subset(np.nonzero(keep)[0])) if self.retrain else ctx.model
         metrics: dict[str, Any] = {"filter_seconds": t_score, "retrain_seconds": time.perf_counter() - t1,
                                    "removed_per_class": np.bincount(ctx.train.labels[flagged],
                                                                     minlength=ctx.train.num_classes).tolist(),

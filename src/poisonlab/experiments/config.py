@@ -77,10 +77,17 @@ class MethodConfig(BaseModel):
     apply_to: list[str] | None = Field(
         None, min_length=1,
         description="defences only: the attacks (names or labels) this defence runs on; all when unset")
+    retrain: bool = Field(True, description="filters only: False scores and flags (detection metrics) "
+                                            "without retraining; the poisoned model is evaluated as is")
 
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def key_params(self) -> dict[str, Any]:
+        """The parameters that change a run's result: :attr:`params`, plus ``retrain`` when it is off."""
+        return self.params | ({} if self.retrain else {"retrain": False})
 
     def applies_to(self, attack: "MethodConfig") -> bool:
         """Whether this defence entry runs on the poisoned model of ``attack``."""
@@ -89,9 +96,10 @@ class MethodConfig(BaseModel):
     @property
     def label(self) -> str:
         """A readable id: the name, plus parameters when given."""
-        if not self.params:
+        params = self.key_params
+        if not params:
             return self.name
-        return self.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+        return self.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
 
 
 def expand_table(table: dict[str, Any], keep_lists: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
@@ -190,7 +198,7 @@ class ExperimentConfig(BaseModel):
             try:
                 variants = expand_table(m, keep)
                 for v in variants:  # checked here so that the error names the entry as written
-                    build(v["name"], **{k: x for k, x in v.items() if k not in ("name", "apply_to")})
+                    build(v["name"], **{k: x for k, x in v.items() if k not in ("name", "apply_to", "retrain")})
             except (ParameterError, ConfigError, TypeError, ValueError) as e:
                 raise ValueError(f"[{i}] ({m['name']}): {e}") from None
             out.extend(variants)
@@ -208,9 +216,12 @@ class ExperimentConfig(BaseModel):
             if m.name not in registry:
                 raise ValueError(f"[{i}].name: unknown {registry.kind} {m.name!r}; known: {', '.join(registry.names())}")
             try:
-                build(m.name, **m.params)
+                built = build(m.name, **m.params)
             except (ParameterError, ConfigError, TypeError, ValueError) as e:
                 raise ValueError(f"[{i}] ({m.name}): {e}") from None
+            if not m.retrain and (info.field_name == "attacks" or getattr(built, "kind", None) != "filter"):
+                raise ValueError(f"[{i}] ({m.name}): retrain = false is for filter defences only "
+                                 f"(those of kind 'filter' in `poisonlab list`)")
             if m.label in seen and m.apply_to is None:
                 raise ValueError(f"[{i}] ({m.name}): {m.label} is listed twice")
             seen.add(m.label)

@@ -173,8 +173,9 @@ def build_plan(cfg: ExperimentConfig, out: str | Path | None = None, cache: Arti
     defense_info = []
     for m in cfg.defenses:
         d = get_defense(m.name, **m.params)
-        defense_info.append({"label": m.label, "name": m.name, "params": jsonable(d.params()),
-                             "retrains": bool(d.retrains), "kind": d.kind})
+        defense_info.append({"label": m.label, "name": m.name,
+                             "params": jsonable(d.params()) | ({} if m.retrain else {"retrain": False}),
+                             "retrains": bool(d.retrains) and m.retrain, "kind": d.kind})
 
     cells: list[Cell] = []
     runs: dict[str, RunSpec] = {}

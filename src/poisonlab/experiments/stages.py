@@ -332,6 +332,8 @@ class Workspace:
             try:
                 if not self.cache.has("defense", spec.key):
                     defense = get_defense(dcfg.name, **dcfg.params)
+                    if not dcfg.retrain:
+                        defense.retrain = False
                     dctx = DefenseContext(train=poisoned, model=model, test=data.test,
                                           train_model=self.trainer(cell, frozen=frozen), clean_set=trusted,
                                           poisoning=record, seed=cell.seed, cache=shared, progress=self.progress)
