@@ -4,6 +4,7 @@ Networks", ACSAC 2019)."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -159,8 +160,10 @@ class Strip(Defense):
         threshold = float(np.quantile(calib, self.frr))
         guard = StripGuard(ctx.model, pool, threshold, self.n, self.alpha, self.batch_size, ctx.seed)
         metrics: dict = {"threshold": threshold, "calibration_entropy_mean": float(calib.mean())}
+        t0 = time.perf_counter()
         ent_clean = self._score(guard, ctx.test.images)
-        metrics.update(frr=float((ent_clean < threshold).mean()), entropy_clean_mean=float(ent_clean.mean()))
+        metrics.update(frr=float((ent_clean < threshold).mean()), entropy_clean_mean=float(ent_clean.mean()),
+                       test_images=len(ctx.test), test_score_seconds=time.perf_counter() - t0)
         p = ctx.poisoning
         if p is not None and p.has_trigger:  # measuring only: the defence never sees the trigger
             ent_trig = self._score(guard, p.apply_trigger(ctx.test.images))
