@@ -80,6 +80,21 @@ def check_class(value: int | None, name: str, num_classes: int, who: str) -> Non
         raise ParameterError(f"{who}: {name}={value} is not a class of the dataset (allowed 0..{num_classes - 1})")
 
 
+def targets_from_context(attack, context, rng: np.random.Generator, n_targets: int) -> tuple[nn.Module, np.ndarray, int, int]:
+    """A targeted attack's targets: check that ``context`` has the test set, then :func:`pick_targets`
+    with the attack's ``target_index``, ``target_class`` and ``adversarial_class``.
+
+    Returns ``(clean model, target indices, target class, adversarial class)``.
+    """
+    who = attack.registry_name
+    if context.test is None:
+        raise ParameterError(f"{who} needs the test set (context.test) to pick its target")
+    model = context.clean_model
+    ti, tc, ac = pick_targets(context.test, model, rng, who, attack.target_index, attack.target_class,
+                              attack.adversarial_class, n_targets)
+    return model, ti, tc, ac
+
+
 def pick_targets(
     test: ImageSet,
     model: nn.Module,

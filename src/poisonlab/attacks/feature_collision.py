@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from poisonlab.attacks._perturb import (apply_delta, changed, check_class, check_target_pair, model_device, pick_targets,
+from poisonlab.attacks._perturb import (apply_delta, changed, check_class, check_target_pair, model_device, targets_from_context,
                                         to_nchw_float)
 from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_range
 from poisonlab.data.imageset import ImageSet
@@ -83,11 +83,7 @@ class FeatureCollision(Attack):
 
     def _poison(self, train: ImageSet, rng: np.random.Generator, context: AttackContext) -> tuple[ImageSet, Poisoning]:
         who = self.registry_name
-        if context.test is None:
-            raise ParameterError(f"{who} needs the test set (context.test) to pick its target")
-        model = context.clean_model
-        ti, tc, ac = pick_targets(context.test, model, rng, who, self.target_index, self.target_class,
-                                  self.adversarial_class, 1)
+        model, ti, tc, ac = targets_from_context(self, context, rng, 1)
         pool = np.nonzero(train.labels == ac)[0]
         if self.n_poisons > len(pool):
             raise ParameterError(f"{who}: n_poisons={self.n_poisons} but class {ac} has only {len(pool)} "

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poisonlab.attacks._perturb import (apply_delta, changed, check_class, check_target_pair, model_device, pick_targets,
+from poisonlab.attacks._perturb import (apply_delta, changed, check_class, check_target_pair, model_device, targets_from_context,
                                         to_nchw_float)
 from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_range
 from poisonlab.data.imageset import ImageSet
@@ -123,11 +123,7 @@ class GradientMatching(Attack):
 
     def _poison(self, train: ImageSet, rng: np.random.Generator, context: AttackContext) -> tuple[ImageSet, Poisoning]:
         who = self.registry_name
-        if context.test is None:
-            raise ParameterError(f"{who} needs the test set (context.test) to pick its target")
-        model = context.clean_model
-        ti, tc, ac = pick_targets(context.test, model, rng, who, self.target_index, self.target_class,
-                                  self.adversarial_class, self.n_targets)
+        model, ti, tc, ac = targets_from_context(self, context, rng, self.n_targets)
         k = self._n_poisons(len(train))
         pool = np.nonzero(train.labels == ac)[0]
         if k > len(pool):
