@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--nc-batch", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--widths", default=None,
+                    help="fastnet widths, e.g. 32,64,128 (the quick-run net); default: the registry's (64,128,256)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -47,7 +49,8 @@ def main() -> None:
     clean_idx = np.setdiff1d(np.arange(len(tr)), rec.indices)
     clean = tr.subset(clean_idx).stratified_subset(max(500, len(tr) // 20), seed=0)
     torch.manual_seed(0)
-    model = build_model("fastnet", 3, 10, 32).to(a.device)
+    widths = {"widths": tuple(int(w) for w in a.widths.split(","))} if a.widths else {}
+    model = build_model("fastnet", 3, 10, 32, **widths).to(a.device)
     t0 = time.perf_counter()
     fit(model, poisoned, TrainConfig(epochs=a.epochs, batch_size=256), device=a.device)
     train_s = time.perf_counter() - t0
@@ -71,6 +74,7 @@ def main() -> None:
     out = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {a.device}",
         "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
+        "model": f"fastnet{widths.get('widths', '(registry default widths)')}",
         "train_size": a.train_size, "epochs": a.epochs, "train_seconds": round(train_s, 1),
         "clean_acc": round(ev["clean_acc"], 4), "asr": round(ev["asr"], 4),
         "strip": {"images": len(imgs), "n": a.strip_n, "seconds": round(strip_s, 1),
