@@ -69,10 +69,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the baseline")
     ap.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times")
+    ap.add_argument("--bf16", action="store_true", help="poisonlab's loop under bfloat16 autocast (TrainConfig.bf16)")
     args = ap.parse_args()
 
     train = load_dataset("cifar10", "train", data_dir=args.data_dir).stratified_subset(args.n, seed=0)
-    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.05, crop_padding=4, flip=True, schedule="none")
+    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.05, crop_padding=4, flip=True, schedule="none",
+                      bf16=args.bf16)
     ours, base = [], []
     for r in range(args.repeats):  # alternate, so background load hits both alike
         torch.manual_seed(r)
@@ -84,7 +86,7 @@ def main() -> None:
         m = build_model(args.model, 3, 10, 32)
         base.append(plain_loop(m, train.images, train.labels, args.batch_size, 0.05, args.workers))
     res = {
-        "model": args.model, "images": args.n, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        "model": args.model, "images": args.n, "bf16": args.bf16, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
         "poisonlab_img_per_s": args.n / min(ours), "dataloader_img_per_s": args.n / min(base),
         "ratio": min(base) / min(ours), "poisonlab_seconds": ours, "dataloader_seconds": base,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
