@@ -322,3 +322,15 @@ def test_frozen_feature_victim_starts_from_clean_model(tmp_path, monkeypatch):
     assert calls == [("clean s0", False), ("feature_collision s0", True)]
     detail = json.loads((tmp_path / "fc" / "runs" / f"{rows[0]['run']}.json").read_text())
     assert detail["victim"] == "frozen_features" and "target_success" in rows[0]
+
+
+def test_defences_run_when_the_attack_leaves_no_clean_sample(tmp_path):
+    # class-wise noise perturbs every image: a defence that needs no trusted set still runs,
+    # one that needs it fails its own row with an error naming the clean set
+    cfg = _cfg([{"name": "t_noop_a"}, {"name": "finetune", "epochs": 1}],
+               attacks=[{"name": "classwise_random"}])
+    rows = run_experiment(cfg, tmp_path, progress=False, log=lambda s: None)
+    noop = next(r for r in rows if r["defense"] == "t_noop_a")
+    fine = next(r for r in rows if r["defense"].startswith("finetune"))
+    assert not noop.get("error") and noop["clean_acc"] > 0
+    assert "clean" in fine["error"]

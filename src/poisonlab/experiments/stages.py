@@ -317,8 +317,11 @@ class Workspace:
                                                      "train_seconds": vmeta["seconds"]}
                 | _stealth_cols(vmeta.get("stealth")))
         clean_idx = np.setdiff1d(np.arange(len(data.train)), record.indices)
-        trusted = data.train.subset(clean_idx).stratified_subset(
-            max(data.train.num_classes, int(self.cfg.clean_fraction * len(data.train))), seed=cell.seed)
+        # an attack may leave few or no clean samples (class-wise noise touches every image): then the
+        # trusted set is what there is, and only the defences that need one refuse, with their own error
+        n_trusted = min(len(clean_idx), max(data.train.num_classes, int(self.cfg.clean_fraction * len(data.train))))
+        trusted = (data.train.subset(clean_idx).stratified_subset(n_trusted, seed=cell.seed) if n_trusted
+                   else data.train.subset(clean_idx))
         shared: dict[str, Any] = dict(self.cache.arrays("features", victim_key))
         known = set(shared)
         frozen = vmeta.get("victim") == "frozen_features"
