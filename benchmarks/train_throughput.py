@@ -86,7 +86,8 @@ def main() -> None:
         m = build_model(args.model, 3, 10, 32)
         base.append(plain_loop(m, train.images, train.labels, args.batch_size, 0.05, args.workers))
     res = {
-        "model": args.model, "images": args.n, "bf16": args.bf16, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        "model": args.model, "images": args.n, "bf16": args.bf16, "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
         "poisonlab_img_per_s": args.n / min(ours), "dataloader_img_per_s": args.n / min(base),
         "ratio": min(base) / min(ours), "poisonlab_seconds": ours, "dataloader_seconds": base,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
