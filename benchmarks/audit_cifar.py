@@ -58,6 +58,26 @@ def make_attack(name: str, args: argparse.Namespace):
     raise ValueError(name)
 
 
+def rerun_rules(args: argparse.Namespace) -> None:
+    """The evidence rules alone (``combine_evidence``) on saved cross-validation outputs."""
+    from poisonlab.audit import combine_evidence
+
+    cfg = AuditConfig(min_confidence=args.min_confidence, min_pair_share=args.min_pair_share, seed=args.seed)
+    print("folder   poisoned flagged precision recall | mislabelled (tp)  trigger (tp)  seconds  cv_acc")
+    for name in args.folders.split(","):
+        z = np.load(Path(args.from_saved) / f"{name}.npz")
+        t0 = time.perf_counter()
+        ev = combine_evidence(z["labels"], z["probs"], z["features"], cfg)
+        secs = time.perf_counter() - t0
+        truth, flagged = z["truth"].astype(bool), ev["flagged"]
+        tp = int((truth & flagged).sum())
+        fnd = np.asarray(ev["finding"])
+        parts = [f"{int((fnd == k).sum())} ({int(((fnd == k) & truth).sum())})" for k in ("mislabelled", "trigger")]
+        print(f"{name:8s} {int(truth.sum()):8d} {int(flagged.sum()):7d} {tp / max(1, flagged.sum()):9.3f} "
+              f"{tp / max(1, truth.sum()):6.3f} | {parts[0]:>16s} {parts[1]:>13s} {secs:8.1f}  "
+              f"{(z['probs'].argmax(1) == z['labels']).mean():.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.environ.get("POISONLAB_DATA", "../shared/data"))
@@ -66,14 +86,23 @@ def main() -> None:
     ap.add_argument("--flip-rate", type=float, default=0.2, help="share of each of the four flipped classes")
     ap.add_argument("--folders", default="patch,blended,flips")
     ap.add_argument("--folds", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--min-confidence", type=float, default=0.5)
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per fold (default: the audit's own)")
+    ap.add_argument("--min-confidence", type=float, default=AuditConfig.min_confidence)
+    ap.add_argument("--min-pair-share", type=float, default=AuditConfig.min_pair_share)
+    ap.add_argument("--widths", default="32,64,128", help="fastnet channel widths")
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast while training")
+    ap.add_argument("--save", default="", help="save each folder's CV probabilities, features, labels and "
+                                               "ground truth to SAVE/<folder>.npz (for tuning the evidence rules)")
+    ap.add_argument("--from-saved", default="", help="skip the folders and the cross-validation: re-run only the "
+                                                     "evidence rules on FROM_SAVED/<folder>.npz (from --save)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--keep", default="", help="keep the folders and reports under this directory")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.from_saved:
+        return rerun_rules(args)
     clean = load_dataset("cifar10", "train", data_dir=args.data_dir).stratified_subset(args.n, seed=args.seed)
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="audit_cifar_"))
     rows = []
@@ -84,11 +113,20 @@ def main() -> None:
             shutil.rmtree(root)
         rels = write_folder(poisoned, root)
         truth = {rels[i] for i in rec.indices}
-        cfg = AuditConfig(folds=args.folds, epochs=args.epochs, min_confidence=args.min_confidence, seed=args.seed)
+        cfg = AuditConfig(folds=args.folds, epochs=args.epochs, min_confidence=args.min_confidence,
+                          min_pair_share=args.min_pair_share, seed=args.seed,
+                          widths=tuple(int(w) for w in args.widths.split(",")),
+                          bf16={"auto": None, "on": True, "off": False}[args.bf16])
         t0 = time.perf_counter()
         res = audit_folder(root, base / name / "audit", cfg, progress=False, log=print)
         secs = time.perf_counter() - t0
         paths = res.data.paths
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            order = {p: i for i, p in enumerate(rels)}
+            np.savez_compressed(Path(args.save) / f"{name}.npz", probs=res.cv_pred_probs, features=res.features,
+                                labels=res.data.labels, truth=np.array([p in truth for p in paths]),
+                                true_labels=np.asarray(clean.labels)[[order[p] for p in paths]])
         flagged = {paths[i] for i in np.nonzero(res.flagged)[0]}
         tp = len(flagged & truth)
         by_finding = {}
@@ -97,7 +135,7 @@ def main() -> None:
             by_finding[key] = {"n": len(sel), "tp": len(sel & truth)}
         row = {"folder": name, "images": len(paths), "poisoned": len(truth), "flagged": len(flagged),
                "precision": tp / max(1, len(flagged)), "recall": tp / max(1, len(truth)),
-               "seconds": round(secs, 1), **{f"cv_{k}": round(v, 1) for k, v in res.seconds.items()},
+               "seconds": round(secs, 1), "widths": args.widths, "epochs": args.epochs, "bf16": args.bf16, **{f"cv_{k}": round(v, 1) for k, v in res.seconds.items()},
                "cv_acc": float((res.cv_pred_probs.argmax(1) == res.data.labels).mean()),
                "by_finding": by_finding, "classes": res.class_info}
         rows.append(row)

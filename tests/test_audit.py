@@ -42,8 +42,10 @@ def test_audit_cli_end_to_end(flipped_folder, tmp_path):
 
     root, truth = flipped_folder
     out = tmp_path / "out"
+    # random (scattered) flips: --min-pair-share 0 takes every confident-learning issue, as a
+    # practitioner expecting random label noise would; the default reports systematic pairs only
     res = CliRunner().invoke(app, ["audit", str(root), "--out", str(out), "--folds", "3", "--epochs", "6",
-                                   "--image-size", "28", "--grayscale", "--quiet"])
+                                   "--image-size", "28", "--grayscale", "--quiet", "--min-pair-share", "0"])
     assert res.exit_code == 0, res.output
     assert "flagged" in res.output
     with open(out / "suspicious.csv", newline="") as fh:
@@ -92,3 +94,62 @@ def test_audit_errors(tmp_path):
         AuditConfig(folds=1).check()
     with pytest.raises(ParameterError, match="min_confidence"):
         AuditConfig(min_confidence=2.0).check()
+    with pytest.raises(ParameterError, match="min_pair_share"):
+        AuditConfig(min_pair_share=-0.1).check()
+    with pytest.raises(ParameterError, match="epochs"):
+        AuditConfig(epochs=0).check()
+    res = CliRunner().invoke(app, ["audit", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--bf16", "maybe"])
+    assert res.exit_code == 2 and "--bf16" in res.output
+
+
+def _synthetic_folder(seed=0):
+    """Features and out-of-sample probabilities of a 6-class folder with a dirty-label backdoor
+    (60 poisons relabelled 0, lifted along a direction clean images hardly vary in), 40 pairwise
+    flips 1 -> 2 and 40 scattered confident disagreements (hard images, labels right)."""
+    rng = np.random.default_rng(seed)
+    k, per, d = 6, 200, 24
+    means = rng.normal(0, 3, (k, d))
+    scale = np.ones(d)
+    scale[-1] = 0.05  # the direction the trigger uses: clean classes barely vary along it
+    y = np.repeat(np.arange(k), per)
+    feats = means[y] + rng.normal(0, 1, (len(y), d)) * scale
+    poison = rng.choice(np.nonzero(y != 0)[0], 60, replace=False)
+    feats[poison, -1] += 1.5  # the trigger's lift; the poisons keep their true class's look
+    truth_label = y.copy()
+    y = y.copy()
+    y[poison] = 0
+    probs = np.full((len(y), k), 0.02)
+    probs[np.arange(len(y)), truth_label] = 0.9
+    probs[poison] = 0.02
+    probs[poison, 0] = 0.9  # the fold models learnt the trigger
+    flips = rng.choice(np.setdiff1d(np.nonzero(y == 1)[0], poison), 40, replace=False)
+    y[flips] = 2  # their probabilities still say class 1
+    clean = np.setdiff1d(np.arange(len(y)), np.concatenate([poison, flips]))
+    hard = rng.choice(clean[y[clean] >= 3], 40, replace=False)  # away from the flipped pair
+    for i in hard:  # confident disagreement with a correct label, spread over many pairs
+        j = (y[i] + 1 + rng.integers(k - 1)) % k
+        probs[i] = 0.02
+        probs[i, j] = 0.9
+    probs /= probs.sum(1, keepdims=True)
+    return y, probs.astype(np.float32), feats.astype(np.float32), poison, flips, hard
+
+
+def test_combine_evidence_rules_on_synthetic_folder():
+    from poisonlab.audit import combine_evidence
+
+    y, probs, feats, poison, flips, hard = _synthetic_folder()
+    ev = combine_evidence(y, probs, feats, AuditConfig())
+    finding = np.asarray(ev["finding"])
+    trig = set(np.nonzero(finding == "trigger")[0])
+    mis = set(np.nonzero(finding == "mislabelled")[0])
+    # the trigger cluster is found by whitening against the other classes and sized by class 0's excess
+    assert len(trig & set(poison)) >= 0.9 * len(poison) and len(trig - set(poison)) <= 0.1 * len(poison)
+    assert ev["class_info"]["0"]["suspicious"] and ev["class_info"]["0"]["estimated_poisons"] > 0
+    # the systematic 2 -> 1 pair is reported, the scattered disagreements are not
+    assert len(mis & set(flips)) >= 0.9 * len(flips) and not (mis & set(hard))
+    assert ev["class_info"]["2"]["systematic_issues_to"].keys() == {"1"}
+    assert (np.asarray(ev["suggested"])[flips] == 1).all()
+    # min_pair_share = 0: every confident-learning issue, scattered ones included
+    ev0 = combine_evidence(y, probs, feats, AuditConfig(min_pair_share=0.0))
+    mis0 = set(np.nonzero(np.asarray(ev0["finding"]) == "mislabelled")[0])
+    assert len(mis0 & set(hard)) >= 0.8 * len(hard)

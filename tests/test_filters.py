@@ -99,6 +99,10 @@ def test_backdoor_cluster_detectors_on_mnist_badnets(badnets_ctx):
     assert out.info["classes"]["0"]["suspicious"]
     removed = np.bincount(ctx.train.labels[out.flagged], minlength=10)
     assert removed.argmax() == 0 and ac["det_precision"] >= 0.45, ac
+    # whitened by the other classes' covariance, the trigger cluster separates at least as well
+    out_w = get_defense("activation_clustering", whiten=True).score(ctx)
+    acw = _det(ctx, out_w)
+    assert out_w.info["classes"]["0"]["suspicious"] and acw["det_recall"] >= 0.8, acw
     # 60 poisons join 120 clean zeros: a third of the target class, Tran et al.'s epsilon
     out = get_defense("spectral_signatures", expected_rate=0.33).score(ctx)
     in0 = ctx.train.labels == 0

@@ -334,3 +334,16 @@ def test_defences_run_when_the_attack_leaves_no_clean_sample(tmp_path):
     fine = next(r for r in rows if r["defense"].startswith("finetune"))
     assert not noop.get("error") and noop["clean_acc"] > 0
     assert "clean" in fine["error"]
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parent.parent / "examples").rglob("*.toml")
+                                        if "federated" not in p.name))
+def test_shipped_grid_configs_load_and_plan(path, tmp_path):
+    """Every experiment config under examples/ parses, validates its attacks and defences and plans."""
+    from poisonlab.experiments import load_config
+
+    cfg = load_config(path)
+    out = tmp_path / "o"
+    (out / "cache").mkdir(parents=True)
+    plan = build_plan(cfg, out, ArtifactCache(out / "cache"), estimate=False)
+    assert len(plan.runs) >= 1 and "to run:" in plan.describe()

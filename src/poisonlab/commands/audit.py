@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -13,15 +14,20 @@ def register(app: typer.Typer) -> None:
         folder: Path = typer.Argument(..., help="image folder, one sub-folder per class"),
         out: Path = typer.Option(Path("audit"), "--out", "-o", help="output directory"),
         folds: int = typer.Option(4, help="cross-validation folds"),
-        epochs: int = typer.Option(6, help="training epochs per fold"),
+        epochs: Optional[int] = typer.Option(None, help="training epochs per fold (default: 20 under bf16 autocast, "
+                                                  "which CPUs with bf16 units use, else 8)"),
         model: str = typer.Option("fastnet", help="network trained on the folds (see `poisonlab list`)"),
         image_size: int = typer.Option(32, "--image-size", help="images are resized to this square size"),
         grayscale: bool = typer.Option(False, "--grayscale", help="read images as one channel"),
-        min_confidence: float = typer.Option(0.5, "--min-confidence",
+        min_confidence: float = typer.Option(0.55, "--min-confidence",
                                              help="flag a label issue only if the suggested class is this probable"),
+        min_pair_share: float = typer.Option(0.15, "--min-pair-share",
+                                             help="flag a label issue only if its (given, suggested) pair holds this "
+                                                  "share of the given class (or the model is all but certain)"),
         class_excess: bool = typer.Option(True, "--class-excess/--no-class-excess",
                                           help="report a trigger cluster only in a class larger than the median "
                                                "class by about the cluster's size"),
+        bf16: str = typer.Option("auto", help="bf16 autocast while training the fold models: auto, on or off"),
         seed: int = typer.Option(0, help="random seed"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     ) -> None:
@@ -29,15 +35,18 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from poisonlab.audit import AuditConfig, audit_folder
-        from poisonlab.errors import PoisonlabError
+        from poisonlab.errors import ParameterError, PoisonlabError
 
         console = Console()
         if not folder.is_dir():
             Console(stderr=True).print(f"[bold red]error:[/] {folder}: not a directory", highlight=False)
             raise typer.Exit(2)
         try:
+            if bf16 not in ("auto", "on", "off"):
+                raise ParameterError(f"--bf16 must be auto, on or off, got {bf16!r}")
             cfg = AuditConfig(folds=folds, epochs=epochs, model=model, min_confidence=min_confidence,
-                              require_class_excess=class_excess, seed=seed)
+                              min_pair_share=min_pair_share, require_class_excess=class_excess, bf16={"auto": None, "on": True, "off": False}[bf16],
+                              seed=seed)
             res = audit_folder(folder, out, cfg, image_size=image_size, channels=1 if grayscale else 3,
                                progress=not quiet, log=lambda s: console.print(s, highlight=False))
         except PoisonlabError as e:

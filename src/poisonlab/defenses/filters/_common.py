@@ -78,6 +78,48 @@ def class_pca(ctx: Any, n_components: int) -> np.ndarray:
     return ctx.cache[key]
 
 
+def other_class_whitened(features: np.ndarray, labels: np.ndarray, ridge: float = 1e-3,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Whiten each class's features by the pooled within-class covariance of the *other* classes.
+
+    A dirty-label backdoor puts all its poisons into one class, so the other
+    classes give an estimate of how clean images vary that the poisons do not
+    contaminate (the idea of robust-covariance whitening in SPECTRE, Hayase et
+    al. 2021, with the other classes as the robust estimate). Directions in
+    which clean images hardly vary but a trigger moves the features are
+    stretched, so a trigger cluster separates where plain PCA sees only the
+    class's natural variation.
+
+    Args:
+        features: ``(N, D)`` features.
+        labels: ``(N,)`` labels.
+        ridge: eigenvalues below ``ridge x`` the largest are raised to it (rank-deficient features).
+
+    Returns:
+        ``(white, mahalanobis)``: ``(N, D)`` whitened, per-class median-centred features and
+        ``(N,)`` their squared norms (Mahalanobis distance to the class median under the other
+        classes' covariance; higher = more unlike a clean image of any class).
+    """
+    f = as_features(features, labels).astype(np.float64)
+    labels = np.asarray(labels)
+    groups = class_indices(labels)
+    white = np.zeros_like(f)
+    if len(groups) < 2:
+        return white.astype(np.float32), np.zeros(len(f))
+    scatter = {c: np.cov(f[idx].T, bias=True) * len(idx) if len(idx) > 1 else np.zeros((f.shape[1],) * 2)
+               for c, idx in groups}
+    total = sum(scatter.values())
+    n_total = sum(len(idx) for _, idx in groups)
+    for c, idx in groups:
+        dof = max(1, n_total - len(idx) - (len(groups) - 1))
+        cov = (total - scatter[c]) / dof
+        w, v = np.linalg.eigh(np.atleast_2d(cov))
+        w = np.maximum(w, ridge * max(float(w.max()), 1e-12))
+        x = f[idx] - np.median(f[idx], axis=0)
+        white[idx] = (x @ v) / np.sqrt(w)
+    return white.astype(np.float32), (white.astype(np.float64) ** 2).sum(1)
+
+
 def robust_z(x: np.ndarray) -> np.ndarray:
     """(x - median) / (1.4826 MAD): a z-score that a minority of outliers does not inflate."""
     x = np.asarray(x, dtype=np.float64)

@@ -16,7 +16,8 @@ import numpy as np
 
 from poisonlab.attacks.base import check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import as_features, check_int, class_indices, class_pca, kmeans, pca
+from poisonlab.defenses.filters._common import (as_features, check_int, class_indices, class_pca, kmeans,
+                                                 other_class_whitened, pca)
 
 
 def _silhouette(z: np.ndarray, assign: np.ndarray, sample: int, seed: int) -> float:
@@ -99,17 +100,29 @@ class ActivationClustering(Filter):
         size_threshold: largest share of a class the poison cluster may hold, (0, 0.5].
         silhouette_threshold: smallest silhouette score of a poisoned class's split, [-1, 1].
         relative: also require the class's silhouette to exceed the median over classes.
+        whiten: before the PCA, whiten each class's activations by the pooled covariance of the
+            other classes (:func:`~poisonlab.defenses.filters._common.other_class_whitened`); on
+            10,000-image CIFAR-10 folders this separated a 3x3-patch and a blended backdoor that the
+            plain PCA split missed (``poisonlab audit`` uses it; docs/audit.md).
     """
 
     def __init__(self, n_components: int = 10, size_threshold: float = 0.35, silhouette_threshold: float = 0.25,
-                 relative: bool = True):
+                 relative: bool = True, whiten: bool = False):
         self.n_components = check_int(n_components, "n_components", 1, 512)
         self.size_threshold = float(check_range(size_threshold, "size_threshold", 0, 0.5, lo_open=True))
         self.silhouette_threshold = float(check_range(silhouette_threshold, "silhouette_threshold", -1, 1))
         self.relative = bool(relative)
+        self.whiten = bool(whiten)
 
     def score(self, ctx: DefenseContext) -> FilterOutput:
-        z = class_pca(ctx, self.n_components)
+        if self.whiten:
+            white, _ = other_class_whitened(as_features(ctx.features()), ctx.train.labels)
+            z = np.zeros((len(white), min(self.n_components, white.shape[1])), dtype=np.float32)
+            for _, idx in class_indices(ctx.train.labels):
+                p = pca(white[idx], self.n_components, ctx.seed)
+                z[idx, :p.shape[1]] = p
+        else:
+            z = class_pca(ctx, self.n_components)
         s, flagged, info = activation_clustering_scores(z, ctx.train.labels, self.n_components, self.size_threshold,
                                                         self.silhouette_threshold, self.relative, ctx.seed,
                                                         projected=True)
