@@ -107,7 +107,7 @@ def study_table(study_dir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="runs/replication")
-    ap.add_argument("--studies", nargs="*", type=int)
+    ap.add_argument("--studies", nargs="*", help="study names after \"study\": 1 2 4 4b ...")
     args = ap.parse_args()
     root = Path(args.root)
     dirs = sorted(root.glob("study*")) if not args.studies else [root / f"study{n}" for n in args.studies]
