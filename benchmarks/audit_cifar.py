@@ -7,7 +7,8 @@ Folders (``--n`` images drawn stratified from the CIFAR-10 training set, written
 - ``patch``: BadNets patch backdoor (``badnets``, 3x3 white square, target 0);
 - ``blended``: blended noise backdoor (``blended``, alpha 0.2, target 0);
 - ``flips``: pairwise label flips cat<->dog and automobile<->truck (``targeted_flip``,
-  symmetric, ``--flip-rate`` of each of the four classes).
+  symmetric, ``--flip-rate`` of each of the four classes);
+- ``clean`` (not in the default list): the draw unpoisoned, to count false alarms.
 
     python benchmarks/audit_cifar.py --data-dir ../shared/data --n 10000
 
@@ -107,12 +108,16 @@ def main() -> None:
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="audit_cifar_"))
     rows = []
     for name in args.folders.split(","):
-        poisoned, rec = make_attack(name, args).poison(clean, seed=args.seed)
+        if name == "clean":  # no attack: every flag is a false alarm
+            poisoned, indices = clean, np.zeros(0, dtype=np.int64)
+        else:
+            poisoned, rec = make_attack(name, args).poison(clean, seed=args.seed)
+            indices = rec.indices
         root = base / name / "data"
         if root.exists():
             shutil.rmtree(root)
         rels = write_folder(poisoned, root)
-        truth = {rels[i] for i in rec.indices}
+        truth = {rels[i] for i in indices}
         cfg = AuditConfig(folds=args.folds, epochs=args.epochs, min_confidence=args.min_confidence,
                           min_pair_share=args.min_pair_share, seed=args.seed,
                           widths=tuple(int(w) for w in args.widths.split(",")),
