@@ -197,7 +197,7 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     Returns a dict with ``score, flagged, finding, reasons, suggested, detector_scores,
     detector_flags, class_info`` (see :class:`AuditResult`).
     """
-    from poisonlab.defenses.filters._common import other_class_whitened, pca, top_k_mask
+    from poisonlab.defenses.filters._common import other_class_whitened, per_class_pca, top_k_mask
     from poisonlab.defenses.filters.activation_clustering import activation_clustering_scores
     from poisonlab.defenses.filters.confident_learning import confident_learning_scores
     from poisonlab.defenses.filters.isolation_forest import isolation_forest_scores
@@ -214,17 +214,11 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     f: dict[str, np.ndarray] = {}
     s["confident_learning"], f["confident_learning"], suggested = confident_learning_scores(
         y, cv_probs, min_confidence=cfg.min_confidence)
-    z = np.zeros((n, min(10, features.shape[1])), dtype=np.float32)
-    zw = np.zeros_like(z)
+    z = per_class_pca(features, y, 10, cfg.seed)
     # activation clustering runs on features whitened by the other classes' covariance: on
     # CIFAR-10 folders the plain per-class PCA split the target class along its natural variation
     # (a 40/60 split missing the poisons), the whitened one isolates the trigger cluster
-    white, _ = other_class_whitened(features, y)
-    for _, idx in class_indices(y):
-        p = pca(features[idx], 10, cfg.seed)
-        z[idx, :p.shape[1]] = p
-        p = pca(white[idx], 10, cfg.seed)
-        zw[idx, :p.shape[1]] = p
+    zw = per_class_pca(other_class_whitened(features, y), y, 10, cfg.seed)
     s["activation_clustering"], f["activation_clustering"], ac_info = activation_clustering_scores(
         zw, y, size_threshold=cfg.ac_size_threshold, silhouette_threshold=cfg.ac_silhouette_threshold,
         seed=cfg.seed, projected=True)
@@ -284,7 +278,7 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     # systematically wrong -- its (given -> suggested) pair holds at least min_pair_share of the
     # given class, as pairwise flips do -- or where the model is all but certain
     issue = f["confident_learning"]
-    k_all = int(max(y.max(), suggested.max())) + 1 if n else 1
+    k_all = cv_probs.shape[1]
     pair = np.zeros((k_all, k_all))
     np.add.at(pair, (y[issue], suggested[issue]), 1)
     share = pair / np.maximum(np.bincount(y, minlength=k_all), 1)[:, None]

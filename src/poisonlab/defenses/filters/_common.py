@@ -60,6 +60,19 @@ def pca_reconstruction_error(x: np.ndarray, n_components: int, seed: int = 0) ->
     return np.maximum((xc.astype(np.float64) ** 2).sum(1) - (z.astype(np.float64) ** 2).sum(1), 0.0)
 
 
+def per_class_pca(x: np.ndarray, labels: np.ndarray, n_components: int, seed: int = 0) -> np.ndarray:
+    """Each class's rows of ``x`` projected onto that class's top ``n_components`` principal axes.
+
+    Returns ``(N, min(n_components, D))`` float32; a class with fewer samples than axes fills
+    only the leading columns.
+    """
+    out = np.zeros((len(x), min(n_components, x.shape[1])), dtype=np.float32)
+    for _, idx in class_indices(labels):
+        z = pca(x[idx], n_components, seed)
+        out[idx, : z.shape[1]] = z
+    return out
+
+
 def class_pca(ctx: Any, n_components: int) -> np.ndarray:
     """Per-class PCA of ``ctx.features()`` to ``n_components`` dims, cached in ``ctx.cache``.
 
@@ -69,17 +82,11 @@ def class_pca(ctx: Any, n_components: int) -> np.ndarray:
     """
     key = f"class_pca_{n_components}"
     if key not in ctx.cache:
-        f = as_features(ctx.features())
-        out = np.zeros((len(f), min(n_components, f.shape[1])), dtype=np.float32)
-        for _, idx in class_indices(ctx.train.labels):
-            z = pca(f[idx], n_components, seed=ctx.seed)
-            out[idx, : z.shape[1]] = z
-        ctx.cache[key] = out
+        ctx.cache[key] = per_class_pca(as_features(ctx.features()), ctx.train.labels, n_components, ctx.seed)
     return ctx.cache[key]
 
 
-def other_class_whitened(features: np.ndarray, labels: np.ndarray, ridge: float = 1e-3,
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def other_class_whitened(features: np.ndarray, labels: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
     """Whiten each class's features by the pooled within-class covariance of the *other* classes.
 
     A dirty-label backdoor puts all its poisons into one class, so the other
@@ -96,16 +103,15 @@ def other_class_whitened(features: np.ndarray, labels: np.ndarray, ridge: float 
         ridge: eigenvalues below ``ridge x`` the largest are raised to it (rank-deficient features).
 
     Returns:
-        ``(white, mahalanobis)``: ``(N, D)`` whitened, per-class median-centred features and
-        ``(N,)`` their squared norms (Mahalanobis distance to the class median under the other
-        classes' covariance; higher = more unlike a clean image of any class).
+        ``(N, D)`` float32 whitened, per-class median-centred features (all zero with fewer
+        than two classes).
     """
     f = as_features(features, labels).astype(np.float64)
     labels = np.asarray(labels)
     groups = class_indices(labels)
     white = np.zeros_like(f)
     if len(groups) < 2:
-        return white.astype(np.float32), np.zeros(len(f))
+        return white.astype(np.float32)
     scatter = {c: np.cov(f[idx].T, bias=True) * len(idx) if len(idx) > 1 else np.zeros((f.shape[1],) * 2)
                for c, idx in groups}
     total = sum(scatter.values())
@@ -117,7 +123,7 @@ def other_class_whitened(features: np.ndarray, labels: np.ndarray, ridge: float 
         w = np.maximum(w, ridge * max(float(w.max()), 1e-12))
         x = f[idx] - np.median(f[idx], axis=0)
         white[idx] = (x @ v) / np.sqrt(w)
-    return white.astype(np.float32), (white.astype(np.float64) ** 2).sum(1)
+    return white.astype(np.float32)
 
 
 def robust_z(x: np.ndarray) -> np.ndarray:

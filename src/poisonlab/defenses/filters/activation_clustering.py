@@ -17,7 +17,7 @@ import numpy as np
 from poisonlab.attacks.base import check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
 from poisonlab.defenses.filters._common import (as_features, check_int, class_indices, class_pca, kmeans,
-                                                 other_class_whitened, pca)
+                                                 other_class_whitened, pca, per_class_pca)
 
 
 def _silhouette(z: np.ndarray, assign: np.ndarray, sample: int, seed: int) -> float:
@@ -116,11 +116,8 @@ class ActivationClustering(Filter):
 
     def score(self, ctx: DefenseContext) -> FilterOutput:
         if self.whiten:
-            white, _ = other_class_whitened(as_features(ctx.features()), ctx.train.labels)
-            z = np.zeros((len(white), min(self.n_components, white.shape[1])), dtype=np.float32)
-            for _, idx in class_indices(ctx.train.labels):
-                p = pca(white[idx], self.n_components, ctx.seed)
-                z[idx, :p.shape[1]] = p
+            white = other_class_whitened(as_features(ctx.features()), ctx.train.labels)
+            z = per_class_pca(white, ctx.train.labels, self.n_components, ctx.seed)
         else:
             z = class_pca(ctx, self.n_components)
         s, flagged, info = activation_clustering_scores(z, ctx.train.labels, self.n_components, self.size_threshold,
