@@ -59,6 +59,16 @@ def make_attack(name: str, args: argparse.Namespace):
     raise ValueError(name)
 
 
+def detection(truth: np.ndarray, flagged: np.ndarray, finding: list[str]) -> dict:
+    """Precision and recall of the flagged set against the poison mask, and the true positives by finding."""
+    tp = int((truth & flagged).sum())
+    fnd = np.asarray(finding)
+    return {"poisoned": int(truth.sum()), "flagged": int(flagged.sum()), "precision": tp / max(1, int(flagged.sum())),
+            "recall": tp / max(1, int(truth.sum())),
+            "by_finding": {k: {"n": int((fnd == k).sum()), "tp": int(((fnd == k) & truth).sum())}
+                           for k in ("mislabelled", "trigger")}}
+
+
 def rerun_rules(args: argparse.Namespace) -> None:
     """The evidence rules alone (``combine_evidence``) on saved cross-validation outputs."""
     from poisonlab.audit import combine_evidence
@@ -70,12 +80,10 @@ def rerun_rules(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         ev = combine_evidence(z["labels"], z["probs"], z["features"], cfg)
         secs = time.perf_counter() - t0
-        truth, flagged = z["truth"].astype(bool), ev["flagged"]
-        tp = int((truth & flagged).sum())
-        fnd = np.asarray(ev["finding"])
-        parts = [f"{int((fnd == k).sum())} ({int(((fnd == k) & truth).sum())})" for k in ("mislabelled", "trigger")]
-        print(f"{name:8s} {int(truth.sum()):8d} {int(flagged.sum()):7d} {tp / max(1, flagged.sum()):9.3f} "
-              f"{tp / max(1, truth.sum()):6.3f} | {parts[0]:>16s} {parts[1]:>13s} {secs:8.1f}  "
+        d = detection(z["truth"].astype(bool), ev["flagged"], ev["finding"])
+        parts = [f"{v['n']} ({v['tp']})" for v in d["by_finding"].values()]
+        print(f"{name:8s} {d['poisoned']:8d} {d['flagged']:7d} {d['precision']:9.3f} "
+              f"{d['recall']:6.3f} | {parts[0]:>16s} {parts[1]:>13s} {secs:8.1f}  "
               f"{(z['probs'].argmax(1) == z['labels']).mean():.3f}")
 
 
@@ -126,23 +134,18 @@ def main() -> None:
         res = audit_folder(root, base / name / "audit", cfg, progress=False, log=print)
         secs = time.perf_counter() - t0
         paths = res.data.paths
+        is_poison = np.array([p in truth for p in paths])
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)
             order = {p: i for i, p in enumerate(rels)}
             np.savez_compressed(Path(args.save) / f"{name}.npz", probs=res.cv_pred_probs, features=res.features,
-                                labels=res.data.labels, truth=np.array([p in truth for p in paths]),
+                                labels=res.data.labels, truth=is_poison,
                                 true_labels=np.asarray(clean.labels)[[order[p] for p in paths]])
-        flagged = {paths[i] for i in np.nonzero(res.flagged)[0]}
-        tp = len(flagged & truth)
-        by_finding = {}
-        for key in ("mislabelled", "trigger"):
-            sel = {paths[i] for i, f in enumerate(res.finding) if f == key}
-            by_finding[key] = {"n": len(sel), "tp": len(sel & truth)}
-        row = {"folder": name, "images": len(paths), "poisoned": len(truth), "flagged": len(flagged),
-               "precision": tp / max(1, len(flagged)), "recall": tp / max(1, len(truth)),
-               "seconds": round(secs, 1), "widths": args.widths, "epochs": args.epochs, "bf16": args.bf16, **{f"cv_{k}": round(v, 1) for k, v in res.seconds.items()},
+        row = {"folder": name, "images": len(paths), **detection(is_poison, res.flagged, res.finding),
+               "seconds": round(secs, 1), "widths": args.widths, "epochs": args.epochs, "bf16": args.bf16,
+               **{f"cv_{k}": round(v, 1) for k, v in res.seconds.items()},
                "cv_acc": float((res.cv_pred_probs.argmax(1) == res.data.labels).mean()),
-               "by_finding": by_finding, "classes": res.class_info}
+               "classes": res.class_info}
         rows.append(row)
         print(json.dumps(row))
         if not args.keep:

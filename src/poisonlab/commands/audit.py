@@ -45,8 +45,8 @@ def register(app: typer.Typer) -> None:
             if bf16 not in ("auto", "on", "off"):
                 raise ParameterError(f"--bf16 must be auto, on or off, got {bf16!r}")
             cfg = AuditConfig(folds=folds, epochs=epochs, model=model, min_confidence=min_confidence,
-                              min_pair_share=min_pair_share, require_class_excess=class_excess, bf16={"auto": None, "on": True, "off": False}[bf16],
-                              seed=seed)
+                              min_pair_share=min_pair_share, require_class_excess=class_excess,
+                              bf16={"auto": None, "on": True, "off": False}[bf16], seed=seed)
             res = audit_folder(folder, out, cfg, image_size=image_size, channels=1 if grayscale else 3,
                                progress=not quiet, log=lambda s: console.print(s, highlight=False))
         except PoisonlabError as e:
