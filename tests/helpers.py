@@ -11,11 +11,12 @@ WIDTHS = (16, 32, 64)
 
 
 def train_small(train, sample_weight=None, description: str = "train", history_out: list | None = None,
-                epochs: int = 4, **over):
+                epochs: int = 4, batch_weight_fn=None, **over):
     """A seeded narrow fastnet fitted on ``train`` (8x8, 1 channel); ``over`` overrides the recipe."""
     torch.manual_seed(0)
     m = build_model("fastnet", 1, train.num_classes, 8, widths=WIDTHS)
-    h = fit(m, train, TrainConfig(**({"epochs": epochs, "batch_size": 64} | over)), sample_weight=sample_weight)
+    h = fit(m, train, TrainConfig(**({"epochs": epochs, "batch_size": 64} | over)), sample_weight=sample_weight,
+            batch_weight_fn=batch_weight_fn)
     if history_out is not None:
         history_out.extend(h)
     return m

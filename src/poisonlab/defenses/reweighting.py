@@ -15,7 +15,6 @@ from poisonlab.attacks.base import check_range
 from poisonlab.data.imageset import ImageSet
 from poisonlab.defenses._repair import require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
-from poisonlab.training.loop import batch_weighting
 
 
 class L2RWeights:
@@ -75,9 +74,8 @@ class Reweighting(Defense):
     """Adaptive sample reweighting: retrain with learning-to-reweight batch weights (Ren et al. 2018).
 
     The ResNet-18 study's bilevel defence. Input: ``ctx.train``, the trusted
-    ``ctx.clean_set`` and ``ctx.train_model`` (the run's recipe; the weights
-    are installed with :func:`poisonlab.training.loop.batch_weighting`, because
-    the runner's trainer forwards only recipe overrides to ``fit``). Each
+    ``ctx.clean_set`` and ``ctx.train_model`` (the run's recipe, with the weights
+    passed on to :func:`poisonlab.training.fit` as its ``batch_weight_fn``). Each
     training batch is weighted by :class:`L2RWeights`; samples whose gradient
     disagrees with the clean set's (mislabelled or poisoned ones, typically)
     get weight 0. Output: the retrained model. Each step costs about three
@@ -97,8 +95,7 @@ class Reweighting(Defense):
         clean = require_clean_set(ctx, "reweighting")
         fn = L2RWeights(clean, self.meta_batch_size, ctx.seed)
         t0 = time.perf_counter()
-        with batch_weighting(fn):
-            model = ctx.train_model(ctx.train, description="reweighting")
+        model = ctx.train_model(ctx.train, description="reweighting", batch_weight_fn=fn)
         metrics: dict[str, Any] = {"weighted_batches": fn.calls, "zero_weight_share": fn.zero_share,
                                    "train_seconds": time.perf_counter() - t0}
         return DefenseResult(model=model, metrics=metrics)

@@ -124,7 +124,7 @@ class Workspace:
         recipe0 = self.cfg.training[cell.training]
 
         def train_model(train: ImageSet, sample_weight: np.ndarray | None = None, description: str = "train",
-                        history_out: list | None = None, **overrides: Any):
+                        history_out: list | None = None, batch_weight_fn: Any = None, **overrides: Any):
             recipe = loop.TrainConfig.model_validate(recipe0.model_dump() | overrides) if overrides else recipe0
             seed_everything(cell.seed)
             model = self.new_model(cell)
@@ -132,7 +132,8 @@ class Workspace:
                 model.load_state_dict(self.clean_model(cell).state_dict())
             # looked up on the module at call time, so that tests can count trainings
             hist = loop.fit(model, train, recipe, sample_weight=sample_weight, seed=cell.seed,
-                            progress=self.progress, description=description, freeze_body=frozen)
+                            progress=self.progress, description=description, freeze_body=frozen,
+                            batch_weight_fn=batch_weight_fn)
             if history_out is not None:
                 history_out.extend(hist)
             return model

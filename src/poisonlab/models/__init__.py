@@ -1,31 +1,19 @@
 """Model registry. ``build_model(name, in_channels, num_classes, image_size)``.
 
 Every model is a :class:`Classifier`: float NCHW input in [0, 1], the
-normalisation inside, ``features()`` for the penultimate layer.
+normalisation inside, ``features()`` for the penultimate layer. A model
+registers itself in the module that defines it (``@MODELS.register("name")``)
+and gives a one-line ``summary`` for ``poisonlab list``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from poisonlab.models.base import Classifier, count_parameters
-from poisonlab.models.zoo import CNN3, FastNet, MnistCNN, ResNet18, VGGLike
-from poisonlab.registry import Registry
+from poisonlab.models import airnet, preact_resnet, zoo  # noqa: F401  (registers the models)
+from poisonlab.models.base import MODELS, Classifier, count_parameters
 
-MODELS: Registry[Classifier] = Registry("model")
-MODELS.register("fastnet")(FastNet)
-MODELS.register("vgg_like")(VGGLike)
-MODELS.register("cnn3")(CNN3)
-MODELS.register("mnist_cnn")(MnistCNN)
-MODELS.register("resnet18")(ResNet18)
-
-MODEL_NOTES = {
-    "fastnet": "fast default net (airbench-style, small widths) for quick CPU runs",
-    "vgg_like": "VGG-like 32-32-64-64 + dense 512 (CIFAR-10 label-flipping study)",
-    "cnn3": "3 blocks x 2 convs 64/128/256 + dense 512 (backdoor-trigger thesis)",
-    "mnist_cnn": "conv 32/64/128 + dense 128 (MNIST PCA/K-means study)",
-    "resnet18": "ResNet-18, CIFAR variant (3x3 stem, no stem pooling)",
-}
+MODEL_NOTES = {name: MODELS.get(name).summary for name in MODELS.names()}
 
 
 def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,

@@ -7,19 +7,22 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from poisonlab.models.base import Classifier
+from poisonlab.models.base import MODELS, Classifier, Scale, WhitenedStem, airbench_groups
 
 
 def _conv_bn(cin: int, cout: int, act: nn.Module) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), act]
 
 
+@MODELS.register("vgg_like")
 class VGGLike(Classifier):
     """VGG-like CNN of the CIFAR-10 label-flipping study.
 
     conv 32-32 / pool / conv 64-64 / pool, each conv followed by batch norm and
     ReLU, then dense 512 and the output layer (softmax applied by the loss).
     """
+
+    summary = "VGG-like 32-32-64-64 + dense 512 (CIFAR-10 label-flipping study)"
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
                  dropout: float = 0.0, mean=None, std=None):
@@ -35,6 +38,7 @@ class VGGLike(Classifier):
         self.head = nn.Linear(512, num_classes)
 
 
+@MODELS.register("cnn3")
 class CNN3(Classifier):
     """Three-block CNN of the backdoor-trigger thesis.
 
@@ -43,6 +47,8 @@ class CNN3(Classifier):
     batch norm + LeakyReLU + dropout 0.5 and dense ``num_classes``.
     3,251,018 trainable parameters on 32x32x3 (3,253,834 with BN statistics).
     """
+
+    summary = "3 blocks x 2 convs 64/128/256 + dense 512 (backdoor-trigger thesis)"
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, mean=None, std=None):
         super().__init__(in_channels, mean, std)
@@ -60,12 +66,15 @@ class CNN3(Classifier):
         self.head = nn.Linear(512, num_classes)
 
 
+@MODELS.register("mnist_cnn")
 class MnistCNN(Classifier):
     """Small CNN of the MNIST PCA/K-means study.
 
     conv 32 / pool / conv 64 / pool / conv 128 (unpadded) / pool, ReLU, dense 128,
     dense 10: 160,202 parameters on 28x28x3, 159,626 on 28x28x1.
     """
+
+    summary = "conv 32/64/128 + dense 128 (MNIST PCA/K-means study)"
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, mean=None, std=None):
         super().__init__(in_channels, mean, std)
@@ -96,8 +105,11 @@ class _BasicBlock(nn.Module):
         return torch.relu(out + self.short(x))
 
 
+@MODELS.register("resnet18")
 class ResNet18(Classifier):
     """ResNet-18, CIFAR variant (He et al. 2016): 3x3 stem, no stem pooling; 11,173,962 parameters."""
+
+    summary = "ResNet-18, CIFAR variant (3x3 stem, no stem pooling)"
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, mean=None, std=None):
         super().__init__(in_channels, mean, std)
@@ -111,16 +123,8 @@ class ResNet18(Classifier):
         self.head = nn.Linear(512, num_classes)
 
 
-class _Mul(nn.Module):
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-
-class FastNet(Classifier):
+@MODELS.register("fastnet")
+class FastNet(WhitenedStem, Classifier):
     """The fast default net: a small airbench-style CNN tuned for CPU training.
 
     A 2x2 stem convolution whose weights are set by :meth:`data_init` to
@@ -128,50 +132,23 @@ class FastNet(Classifier):
     each component, as in Keller Jordan's airbench, 2024), then three groups
     of (conv 3x3, max-pool 2, BN, GELU, conv 3x3, BN, GELU), global max
     pooling and a scaled linear head. Widths are reduced from airbench's so
-    a 2-core CPU trains CIFAR-10 in minutes.
+    a 2-core CPU trains CIFAR-10 in minutes; unlike airbench the stem and the
+    batch-norm scales stay trainable (see :class:`poisonlab.models.airnet.AirNet`
+    for the faithful airbench94 network).
     """
+
+    summary = "fast default net (airbench-style, small widths) for quick CPU runs"
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
                  widths: Sequence[int] = (64, 128, 256), mean=None, std=None):
         super().__init__(in_channels, mean, std)
         w0 = 2 * in_channels * 4
         self.stem = nn.Conv2d(in_channels, w0, 2, padding=0, bias=True)
-        layers: list[nn.Module] = [self.stem, nn.GELU()]
-        cin = w0
-        size = image_size - 1
-        for w in widths:
-            pool: nn.Module = nn.MaxPool2d(2) if size >= 2 else nn.Identity()
-            size = size // 2 if size >= 2 else size
-            layers += [
-                nn.Conv2d(cin, w, 3, padding=1, bias=False), pool, nn.BatchNorm2d(w), nn.GELU(),
-                nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU(),
-            ]
-            cin = w
+        groups, cin = airbench_groups(w0, widths, image_size - 1,
+                                      lambda i, o: nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d)
+        layers: list[nn.Module] = [self.stem, nn.GELU(), *groups]
         layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
         self.body = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Linear(cin, num_classes, bias=False), _Mul(1 / 9))
+        self.head = nn.Sequential(nn.Linear(cin, num_classes, bias=False), Scale(1 / 9))
         # saved with the weights, so a trained or loaded model is never re-initialised
         self.register_buffer("data_initialised", torch.zeros((), dtype=torch.bool))
-
-    @property
-    def needs_data_init(self) -> bool:
-        return not bool(self.data_initialised)
-
-    @torch.no_grad()
-    def data_init(self, x: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the stem to PCA-whiten 2x2 patches of ``x`` (float NCHW in [0, 1], a few thousand images).
-
-        Whitened inputs let the first epochs make progress at a high learning
-        rate; the stem stays trainable.
-        """
-        x = self.normalize(x.float())
-        c = x.shape[1]
-        patches = x.unfold(2, 2, 1).unfold(3, 2, 1)  # N, C, H-1, W-1, 2, 2
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4).double()
-        patches = patches - patches.mean(0)
-        cov = patches.T @ patches / len(patches)
-        evals, evecs = torch.linalg.eigh(cov)
-        w = (evecs.T / torch.sqrt(evals + eps)[:, None]).reshape(c * 4, c, 2, 2).float()
-        self.stem.weight.copy_(torch.cat([w, -w]))
-        self.stem.bias.zero_()
-        self.data_initialised.fill_(True)

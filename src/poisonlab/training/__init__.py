@@ -1,7 +1,9 @@
-"""Training: the one loop (:func:`fit`), its config, batched augmentation, prediction."""
+"""Training: the one loop (:func:`fit`), its config and presets, batched augmentation, prediction."""
 
 from poisonlab.training.augment import augment_batch
+from poisonlab.training.device import resolve_device, use_bf16
 from poisonlab.training.loop import (
+    PRESETS,
     TrainConfig,
     evaluate_loss_acc,
     extract_features,
@@ -9,6 +11,7 @@ from poisonlab.training.loop import (
     predict_logits,
     predict_proba,
 )
+from poisonlab.training.muon import Muon
 
-__all__ = ["TrainConfig", "fit", "predict_proba", "predict_logits", "extract_features", "augment_batch",
-           "evaluate_loss_acc"]
+__all__ = ["TrainConfig", "PRESETS", "fit", "predict_proba", "predict_logits", "extract_features", "augment_batch",
+           "evaluate_loss_acc", "resolve_device", "use_bf16", "Muon"]

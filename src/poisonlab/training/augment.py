@@ -22,9 +22,11 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator | None = Non
     return xp[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each image horizontally with probability 1/2."""
-    mask = torch.rand(x.shape[0], generator=gen, device="cpu").to(x.device) < 0.5
+def random_flip(x: torch.Tensor, gen: torch.Generator | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flip each image horizontally with probability 1/2, or exactly those where ``mask`` (bool, (N,)) is set."""
+    if mask is None:
+        mask = torch.rand(x.shape[0], generator=gen, device="cpu").to(x.device) < 0.5
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
@@ -43,12 +45,16 @@ def brightness_contrast(x: torch.Tensor, brightness: float, contrast: float,
 
 
 def augment_batch(x: torch.Tensor, crop_padding: int = 0, flip: bool = False, brightness: float = 0.0,
-                  contrast: float = 0.0, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Apply the configured augmentations to a float NCHW batch in [0, 1]."""
+                  contrast: float = 0.0, gen: torch.Generator | None = None,
+                  flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply the configured augmentations to a float NCHW batch in [0, 1].
+
+    ``flip_mask`` chooses which images to mirror (airbench's alternating flip) instead of a coin toss.
+    """
     if crop_padding:
         x = random_crop(x, crop_padding, gen)
     if flip:
-        x = random_flip(x, gen)
+        x = random_flip(x, gen, flip_mask)
     if brightness or contrast:
         x = brightness_contrast(x, brightness, contrast, gen)
     return x
