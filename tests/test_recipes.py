@@ -147,3 +147,14 @@ def test_micro_batches_accumulate_the_same_step(digits, reduction):
         fit(m, data, cfg, sample_weight=weights, seed=0)
         params.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+def test_micro_batches_keep_the_running_statistics_horizon(digits):
+    tr, _ = digits
+    m = build_model("airnet", 1, 10, 8, widths=(8, 8, 8))
+    bn = next(b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d))
+    seen = []
+    cfg = TrainConfig(epochs=1, batch_size=400, micro_batch_size=100, bf16=False)
+    fit(m, tr, cfg, seed=0, epoch_callback=lambda rec, model: seen.append(bn.momentum))
+    assert seen[0] == pytest.approx(1 - 0.6 ** 0.25)  # four updates a step average like one of 0.4
+    assert bn.momentum == pytest.approx(0.4)  # restored
