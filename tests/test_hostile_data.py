@@ -233,3 +233,29 @@ def test_float_images_are_unreadable_not_guessed(tmp_path):
     with pytest.warns(UserWarning, match="float.tif"):
         s = read_image_folder(root, size=8)
     assert len(s) == 4 and "mode F" in s.meta["unreadable"][0][1]
+
+
+# ------------------------------------------------------------------------------------------------------ locating
+def test_missing_dataset_message_names_only_real_options(tmp_path, monkeypatch):
+    monkeypatch.delenv("POISONLAB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", data_dir=tmp_path)
+    assert "--download" not in str(e.value) and "download = true" in str(e.value)
+
+
+def test_archive_member_escaping_to_a_sibling_folder_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    from poisonlab.data.locate import _safe_extract
+
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("../cifar-evil/x")  # resolves to a sibling whose name starts like the root's
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    (tmp_path / "cifar").mkdir()
+    with pytest.raises(DataError, match=r"a\.tar: refusing unsafe archive member '\.\./cifar-evil/x'"):
+        _safe_extract(archive, tmp_path / "cifar")
+    assert not (tmp_path / "cifar-evil").exists()
