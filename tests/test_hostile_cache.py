@@ -92,7 +92,7 @@ def test_reading_an_entry_damaged_after_it_was_checked_is_a_cache_error(cache):
         cache.meta("victim", "k")
     cache.put("victim", "k", {"metrics": {}}, model=torch.nn.Linear(2, 2))
     (d / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CacheError, match=rf"{d / 'model.pt'}: damaged cache entry \(not a safe poisonlab checkpoint"):
+    with pytest.raises(CacheError, match=rf"{d / 'model.pt'}: damaged cache entry \(DataError: not a safe poisonlab checkpoint"):
         cache.state_dict("victim", "k")
     assert not cache.has("victim", "k")
 

@@ -29,7 +29,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -150,41 +150,40 @@ class ArtifactCache:
                 pass
         return f"{d / name}: damaged cache entry ({why}); removed"
 
-    def meta(self, stage: str, key: str) -> dict[str, Any]:
-        """The entry's ``meta.json``; :class:`CacheError` naming the file if it is missing or damaged."""
-        f = self.path(stage, key) / "meta.json"
+    def _read(self, f: Path, read: Callable[[Path], Any], damaged: tuple[type[Exception], ...]) -> Any:
+        """``read(f)``; a missing ``f`` or one of the ``damaged`` errors is a :class:`CacheError` naming ``f``,
+        and a damaged entry is removed so that the next run recomputes it."""
         try:
-            return _read_meta(f)
+            return read(f)
         except FileNotFoundError:
             raise CacheError(f"{f}: no such cache entry") from None
-        except (OSError, ValueError, RecursionError) as e:
-            raise CacheError(self._discard(f.parent, f.name, f"{type(e).__name__}: {e}") + _AGAIN) from None
+        except damaged as e:
+            why = f"{type(e).__name__}: {str(e).removeprefix(f'{f}: ')}"
+            raise CacheError(self._discard(f.parent, f.name, why) + _AGAIN) from None
+
+    def meta(self, stage: str, key: str) -> dict[str, Any]:
+        """The entry's ``meta.json``; :class:`CacheError` naming the file if it is missing or damaged."""
+        return self._read(self.path(stage, key) / "meta.json", _read_meta, (OSError, ValueError, RecursionError))
 
     def arrays(self, stage: str, key: str) -> dict[str, np.ndarray]:
         """The entry's arrays; ``{}`` when the entry does not exist, has none, or was damaged (and removed)."""
-        if not self.has(stage, key):
-            return {}
         f = self.path(stage, key) / "arrays.npz"
-        if not f.is_file():
+        if not self.has(stage, key) or not f.is_file():
             return {}
-        try:
+
+        def read(f: Path) -> dict[str, np.ndarray]:
             with np.load(f, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # damaged since has() checked it
-            raise CacheError(self._discard(f.parent, f.name, f"{type(e).__name__}: {e}") + _AGAIN) from None
+
+        # damaged since has() checked it
+        return self._read(f, read, (OSError, EOFError, ValueError, zipfile.BadZipFile))
 
     def state_dict(self, stage: str, key: str) -> dict:
         """The entry's model weights (``weights_only`` load); :class:`CacheError` naming the file if damaged."""
         from poisonlab.errors import DataError
         from poisonlab.utils import load_state_dict
 
-        f = self.path(stage, key) / "model.pt"
-        try:
-            return load_state_dict(f)
-        except FileNotFoundError:
-            raise CacheError(f"{f}: no such cache entry") from None
-        except (DataError, OSError, RuntimeError) as e:
-            raise CacheError(self._discard(f.parent, f.name, str(e).removeprefix(f"{f}: ")) + _AGAIN) from None
+        return self._read(self.path(stage, key) / "model.pt", load_state_dict, (DataError, OSError, RuntimeError))
 
     def put(self, stage: str, key: str, meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
             model: Any = None) -> None:
