@@ -347,7 +347,7 @@ CASES: list[Case] = [
          ("train-images-idx3-ubyte.gz", "header declares", "limit")),
     Case("mnist: zero images", "7", mnist_zero, "error", ("train-images-idx3-ubyte.gz", "0 images")),
     Case("mnist: float labels", "8", mnist_float_labels, "error",
-         ("train-labels-idx1-ubyte.gz", "labels must be integers", "float32")),
+         ("train-labels-idx1-ubyte.gz", "labels must be integers in [0, 9]", "float32")),
     Case("cifar: string labels", "7", cifar_labels(["cat"] * 20), "error", ("data_batch_1", "'labels'", "[0, 9]")),
     Case("cifar: 2-D labels", "7", cifar_labels([[0, 1]] * 20), "error", ("data_batch_1", "'labels'", "[0, 9]")),
     Case("cifar: float labels", "8", cifar_labels([0.5] * 20), "error", ("data_batch_1", "'labels'", "float")),

@@ -86,3 +86,13 @@ def test_a_directory_or_binary_file_is_a_config_error(tmp_path):
     b.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     with pytest.raises(ConfigError, match=r"bin\.yaml: not UTF-8"):
         read_config_file(b)
+
+
+def test_nesting_the_parser_survives_is_refused_naming_the_field(tmp_path):
+    f = tmp_path / "deep40.toml"
+    f.write_text("name = 'x'\nseeds = " + "[" * 40 + "1" + "]" * 40 + "\n")
+    with pytest.raises(ConfigError, match=r"deep40\.toml: field 'seeds' nests values more than 32 levels deep"):
+        read_config_file(f)
+    ok = tmp_path / "ok.toml"
+    ok.write_text("seeds = " + "[" * 30 + "1" + "]" * 30 + "\n")
+    assert read_config_file(ok)["seeds"]

@@ -80,7 +80,7 @@ def test_mnist_with_zero_images_is_a_data_error(tmp_path):
 
 
 @pytest.mark.parametrize("labels,code,match", [
-    ([0.0, 1.0, 2.0], 0x0D, "labels must be integers, found float32"),
+    ([0.0, 1.0, 2.0], 0x0D, r"labels must be integers in \[0, 9\], found float32"),
     ([0, -1, 2], 0x09, r"labels must lie in \[0, 9\], found \[-1, 2\]"),
     ([0, 1, 12], 0x08, r"labels must lie in \[0, 9\], found \[0, 12\]"),
 ])

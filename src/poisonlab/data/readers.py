@@ -229,7 +229,7 @@ def read_mnist_like(folder: str | os.PathLike[str], split: str = "train", name: 
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"{labels_path}: {len(images)} images but labels of shape {labels.shape}")
     if labels.dtype.kind not in "iu":
-        raise DataError(f"{labels_path}: labels must be integers, found {labels.dtype.name}")
+        raise DataError(f"{labels_path}: labels must be integers in [0, 9], found {labels.dtype.name}")
     if labels.min() < 0 or labels.max() > 9:
         raise DataError(f"{labels_path}: labels must lie in [0, 9], found [{labels.min()}, {labels.max()}]")
     classes = FASHION_CLASSES if name.startswith("fashion") else MNIST_CLASSES

@@ -321,16 +321,16 @@ class _StrictYamlLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def _too_deep(value: Any) -> bool:
-    """Whether ``value`` nests lists/dicts more than :data:`MAX_NESTING` levels (checked without recursion)."""
-    todo = [(value, 0)]
+def _too_deep(data: dict[str, Any]) -> str | None:
+    """The top-level key under which values nest more than :data:`MAX_NESTING` levels, else None (no recursion)."""
+    todo = [(v, 1, k) for k, v in data.items()]
     while todo:
-        v, depth = todo.pop()
+        v, depth, key = todo.pop()
         if isinstance(v, (list, dict)):
             if depth >= MAX_NESTING:
-                return True
-            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return False
+                return str(key)
+            todo.extend((x, depth + 1, key) for x in (v.values() if isinstance(v, dict) else v))
+    return None
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -386,8 +386,9 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: values nested more than {MAX_NESTING} levels deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a table/mapping")
-    if _too_deep(data):
-        raise ConfigError(f"{path}: values nested more than {MAX_NESTING} levels deep")
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ConfigError(f"{path}: field {_short_repr(deep)} nests values more than {MAX_NESTING} levels deep")
     return data
 
 
