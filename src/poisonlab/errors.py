@@ -19,3 +19,7 @@ class ConfigError(PoisonlabError):
 
 class ParameterError(PoisonlabError, ValueError):
     """A parameter of an attack, defence or model is outside its allowed range."""
+
+
+class CacheError(PoisonlabError):
+    """An artifact-cache entry is damaged or the cache folder is unusable; the message names the file."""

@@ -158,7 +158,8 @@ def _safe_extract(archive: Path, root: Path) -> None:
     with tarfile.open(archive) as tf:
         for m in tf.getmembers():
             target = (root / m.name).resolve()
-            if not str(target).startswith(str(root.resolve())) or m.issym() or m.islnk():
+            # is_relative_to, not a string prefix: /data/cifar-evil starts with /data/cifar too
+            if not target.is_relative_to(root.resolve()) or m.issym() or m.islnk():
                 raise DataError(f"{archive}: refusing unsafe archive member {m.name!r}")
         tf.extractall(root, filter="data")
 
@@ -170,5 +171,5 @@ def missing_message(name: str, data_dir: str | os.PathLike[str] | None) -> str:
     return (
         f"dataset {name!r} not found (looked in: {looked}). Put the folder {src.folder}/ with "
         f"{', '.join(src.required)} under one of these (or pass --data-dir / set POISONLAB_DATA), "
-        f"or pass download=True / --download to fetch {files}."
+        f"or set download = true in the config's [dataset] (download=True in Python) to fetch {files}."
     )

@@ -28,6 +28,10 @@ def _safe_dtype(*args: Any, **kwargs: Any) -> np.dtype:
 def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     if subtype is not np.ndarray:
         raise UnsafePickleError(f"pickle asks to rebuild array subclass {subtype!r}")
+    # numpy's own pickles start from an empty array and then set its data; a full shape here would be an
+    # array of uninitialised memory (as large as the pickle asks) that no data ever fills
+    if not (isinstance(shape, tuple) and 0 in shape):
+        raise UnsafePickleError(f"pickle asks for an array of shape {shape!r} without its data")
     from numpy._core.multiarray import _reconstruct as real  # type: ignore[attr-defined]
 
     return real(subtype, shape, dtype)
@@ -72,7 +76,9 @@ def safe_load(file: BinaryIO | bytes, source: str = "<pickle>") -> Any:
         file = io.BytesIO(file)
     try:
         return RestrictedUnpickler(file, source).load()
-    except UnsafePickleError:
-        raise
+    except UnsafePickleError as e:
+        if str(e).startswith(f"{source}: "):
+            raise
+        raise UnsafePickleError(f"{source}: {e}") from None
     except Exception as e:
         raise UnsafePickleError(f"{source}: not a valid pickle ({type(e).__name__}: {e})") from e

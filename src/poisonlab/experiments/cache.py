@@ -8,6 +8,11 @@ half-way (SIGKILL included) leaves at most stray temporary files, never an
 entry that looks finished. Two workers producing the same entry write the
 same content; the later ``os.replace`` wins.
 
+A damaged entry (a ``meta.json`` that is not a JSON object, an ``arrays.npz`` or ``model.pt`` that is not a
+whole zip or fails a member's CRC: a full disk, a truncated copy, bit rot) is found by :meth:`ArtifactCache.has`,
+reported in a warning naming the file, and removed, so the stage that asked recomputes it. ``torch.load``
+does not check CRCs, so ``has`` does, once per process for each version of the files.
+
 Nothing in the cache is unpickled: triggers are stored as the name of their
 :class:`~poisonlab.attacks.Trigger` sub-class plus their dataclass fields
 (JSON scalars, arrays in the npz) and rebuilt only if that class is a
@@ -21,11 +26,14 @@ import hashlib
 import io
 import json
 import os
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from poisonlab.errors import CacheError
 from poisonlab.utils import atomic_write_bytes, atomic_write_json, to_json
 
 CACHE_VERSION = 1
@@ -52,32 +60,130 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=_key_default, allow_nan=True))
 
 
+ENTRY_FILES = ("meta.json", "arrays.npz", "model.pt")  # meta.json first: removing it un-completes an entry
+_AGAIN = "; run the command again to recompute it"
+
+
+def _signature(d: Path) -> tuple | None:
+    """(size, mtime) of an entry's files, None when it has no ``meta.json`` (absent or unfinished)."""
+    sig = []
+    for name in ENTRY_FILES:
+        try:
+            st = os.stat(d / name)
+        except FileNotFoundError:
+            if name == "meta.json":
+                return None
+            sig.append(None)
+        else:
+            sig.append((st.st_size, st.st_mtime_ns))
+    return tuple(sig)
+
+
+def _read_meta(f: Path) -> dict[str, Any]:
+    meta = json.loads(f.read_bytes())
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, found {type(meta).__name__}")
+    return meta
+
+
+def _damage(d: Path) -> tuple[str, str] | None:
+    """``(file name, what is wrong)`` for the first damaged file of entry ``d``, None when it is intact."""
+    try:
+        _read_meta(d / "meta.json")
+    except (OSError, ValueError, RecursionError) as e:
+        return "meta.json", f"{type(e).__name__}: {e}"
+    for name in ("arrays.npz", "model.pt"):
+        f = d / name
+        if not f.exists():
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()  # reads every member and checks its CRC-32
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile, NotImplementedError) as e:
+            return name, f"{type(e).__name__}: {e}"
+        if bad is not None:
+            return name, f"member {bad!r} fails its CRC check"
+    return None
+
+
 class ArtifactCache:
     """Entries under ``root``: ``has``, ``meta``, ``arrays``, ``state_dict`` and ``put``."""
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise CacheError(f"{self.root}: the cache must be a directory, and this is a file")
+        # entry folder -> _signature() when last found intact: each version of an entry is checked once
+        self._intact: dict[Path, tuple] = {}
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def has(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / "meta.json").is_file()
+        """Whether a complete, intact entry exists.
+
+        A damaged one is reported (a warning naming the file and what is wrong) and removed, and this
+        returns False, so the caller recomputes it as it would a missing one.
+        """
+        d = self.path(stage, key)
+        sig = _signature(d)
+        if sig is None:
+            return False
+        if self._intact.get(d) == sig:
+            return True
+        problem = _damage(d)
+        if problem is not None:
+            warnings.warn(self._discard(d, *problem) + ", it will be recomputed", stacklevel=2)
+            return False
+        self._intact[d] = sig
+        return True
+
+    def _discard(self, d: Path, name: str, why: str) -> str:
+        """Remove damaged entry ``d`` (``meta.json`` first); returns the sentence that says so, naming the file."""
+        why = why.strip().splitlines()[0] if why.strip() else "unreadable"
+        why = why if len(why) <= 160 else why[:157] + "..."
+        self._intact.pop(d, None)
+        for f in ENTRY_FILES:
+            try:
+                (d / f).unlink(missing_ok=True)
+            except OSError:  # a read-only cache: put() will say so when it writes the new entry
+                pass
+        return f"{d / name}: damaged cache entry ({why}); removed"
+
+    def _read(self, f: Path, read: Callable[[Path], Any], damaged: tuple[type[Exception], ...]) -> Any:
+        """``read(f)``; a missing ``f`` or one of the ``damaged`` errors is a :class:`CacheError` naming ``f``,
+        and a damaged entry is removed so that the next run recomputes it."""
+        try:
+            return read(f)
+        except FileNotFoundError:
+            raise CacheError(f"{f}: no such cache entry") from None
+        except damaged as e:
+            why = f"{type(e).__name__}: {str(e).removeprefix(f'{f}: ')}"
+            raise CacheError(self._discard(f.parent, f.name, why) + _AGAIN) from None
 
     def meta(self, stage: str, key: str) -> dict[str, Any]:
-        return json.loads((self.path(stage, key) / "meta.json").read_text())
+        """The entry's ``meta.json``; :class:`CacheError` naming the file if it is missing or damaged."""
+        return self._read(self.path(stage, key) / "meta.json", _read_meta, (OSError, ValueError, RecursionError))
 
     def arrays(self, stage: str, key: str) -> dict[str, np.ndarray]:
+        """The entry's arrays; ``{}`` when the entry does not exist, has none, or was damaged (and removed)."""
         f = self.path(stage, key) / "arrays.npz"
-        if not f.is_file():
+        if not self.has(stage, key) or not f.is_file():
             return {}
-        with np.load(f, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+
+        def read(f: Path) -> dict[str, np.ndarray]:
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+
+        # damaged since has() checked it
+        return self._read(f, read, (OSError, EOFError, ValueError, zipfile.BadZipFile))
 
     def state_dict(self, stage: str, key: str) -> dict:
+        """The entry's model weights (``weights_only`` load); :class:`CacheError` naming the file if damaged."""
+        from poisonlab.errors import DataError
         from poisonlab.utils import load_state_dict
 
-        return load_state_dict(self.path(stage, key) / "model.pt")
+        return self._read(self.path(stage, key) / "model.pt", load_state_dict, (DataError, OSError, RuntimeError))
 
     def put(self, stage: str, key: str, meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
             model: Any = None) -> None:
@@ -92,6 +198,9 @@ class ArtifactCache:
 
             save_state_dict(model, d / "model.pt")
         atomic_write_json(d / "meta.json", meta)
+        sig = _signature(d)
+        if sig is not None:  # just written whole: no need to read it back to check it
+            self._intact[d] = sig
 
     # timings feed the planner's time estimate
     def record_seconds(self, cost_key: str, seconds: float) -> None:
@@ -101,7 +210,7 @@ class ArtifactCache:
         f = self.root / "timings" / f"{cost_key}.json"
         try:
             return float(json.loads(f.read_text())["seconds"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):  # absent or damaged: no estimate
             return None
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import reprlib
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,7 @@ class ExperimentConfig(BaseModel):
 
 def _format_validation_error(source: str, e: ValidationError, data: dict[str, Any] | None = None) -> str:
     lines = []
-    for err in e.errors():
+    for err in e.errors(include_url=False):
         loc = list(err["loc"])
         # `[dataset]` given as one table is stored as a one-element list: name the field as the user wrote it
         if (len(loc) >= 2 and loc[0] in ("dataset", "model", "training") and isinstance(loc[1], int)
@@ -250,8 +251,13 @@ def _format_validation_error(source: str, e: ValidationError, data: dict[str, An
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         sep = "" if msg.startswith("[") else ": "
-        lines.append(f"  {loc_s}{sep}{msg}" + (f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "value_error") and not isinstance(err.get("input"), dict) else ""))
-    return f"{source}: invalid config\n" + "\n".join(lines)
+        got = (f" (got {_short_repr(err['input'])})"
+               if err["type"] not in ("extra_forbidden", "value_error") and not isinstance(err.get("input"), dict)
+               else "")
+        lines.append(_shorten(f"  {loc_s}{sep}{msg}{got}", MAX_ERROR_LINE_CHARS))
+    if len(lines) > MAX_ERROR_LINES:
+        lines[MAX_ERROR_LINES:] = [f"  ... and {len(lines) - MAX_ERROR_LINES} more"]
+    return _shorten(f"{source}: invalid config\n" + "\n".join(lines), MAX_ERROR_CHARS)
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
@@ -261,23 +267,128 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentCo
         raise ConfigError(_format_validation_error(source, e, data)) from None
 
 
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a TOML or YAML file into a dict; a missing, unparsable or non-table file is a :class:`ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+# Limits on what a config file may make us do. Config files are small hand-written tables: these only bite on
+# files built to exhaust memory or time (an alias bomb, a nesting bomb, a value of megabytes).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NESTING = 32
+MAX_ERROR_LINES = 20
+MAX_ERROR_LINE_CHARS = 300
+MAX_ERROR_CHARS = 4000
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = 6
+_REPR.maxlevel = 3
+
+
+def _short_repr(value: Any) -> str:
+    """repr() cut to a few elements and characters, without building the full repr of a huge value first."""
+    return _REPR.repr(value)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 25] + f" ... ({len(text) - limit + 25} more characters)"
+
+
+class _Refused(Exception):
+    """A YAML construct :class:`_StrictYamlLoader` does not build, with where it is."""
+
+    def __init__(self, what: str, mark: Any):
+        super().__init__(f"{what} (line {mark.line + 1}, column {mark.column + 1})")
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases and with bounded nesting.
+
+    An alias (``*name``) repeats an anchored node; nine nested levels of ten aliases each expand to 10^9
+    values once anything walks the data (validation, error messages), from a file of a few lines. A config
+    never needs one, so they are refused where they appear rather than expanded or capped afterwards.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"YAML alias *{event.anchor} is not allowed in a config; write the value out",
+                           event.start_mark)
+        if self._depth >= MAX_NESTING:
+            raise _Refused(f"values nested more than {MAX_NESTING} levels deep", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _too_deep(data: dict[str, Any]) -> str | None:
+    """The top-level key under which values nest more than :data:`MAX_NESTING` levels, else None (no recursion)."""
+    todo = [(v, 1, k) for k, v in data.items()]
+    while todo:
+        v, depth, key = todo.pop()
+        if isinstance(v, (list, dict)):
+            if depth >= MAX_NESTING:
+                return str(key)
+            todo.extend((x, depth + 1, key) for x in (v.values() if isinstance(v, dict) else v))
+    return None
+
+
+def _decode(path: Path, raw: bytes) -> str:
     try:
-        if path.suffix.lower() == ".toml":
+        return raw.decode("utf-8-sig")  # a byte-order mark (some Windows editors write one) is dropped
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}, offset {e.start}); "
+                          "save the config as UTF-8") from None
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a TOML or YAML file into a dict; anything else is one :class:`ConfigError` naming the file.
+
+    Refused, each with a sentence saying where: a missing or non-regular file, more than
+    :data:`MAX_CONFIG_BYTES` bytes, text that is not UTF-8, a syntax error, YAML aliases, values nested more
+    than :data:`MAX_NESTING` levels, and a top level that is not a table.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file; a config is a .toml, .yaml or .yml file")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"{path}: config must be .toml, .yaml or .yml")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES} bytes; a config is at most {MAX_CONFIG_BYTES} "
+                          "bytes")
+    text = _decode(path, raw)
+    try:
+        if suffix == ".toml":
             data = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
         else:
-            raise ConfigError(f"{path}: config must be .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot parse ({e})") from None
+            data = yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(_shorten(f"{path}: cannot parse TOML: {e}", MAX_ERROR_LINE_CHARS)) from None
+    except _Refused as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        raise ConfigError(_shorten(f"{path}: cannot parse YAML: {what}{where}", MAX_ERROR_LINE_CHARS)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(_shorten(f"{path}: cannot parse YAML: {e}", MAX_ERROR_LINE_CHARS)) from None
+    except RecursionError:  # tomllib descends once per nesting level
+        raise ConfigError(f"{path}: values nested more than {MAX_NESTING} levels deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a table/mapping")
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ConfigError(f"{path}: field {_short_repr(deep)} nests values more than {MAX_NESTING} levels deep")
     return data
 
 

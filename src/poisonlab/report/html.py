@@ -13,11 +13,13 @@ import base64
 import csv
 import html
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from poisonlab.experiments.results import (GROUP, RESULT_COLUMNS, _num, format_value, markdown_table, summarize,
                                            summary_columns)
+from poisonlab.errors import DataError
 from poisonlab.utils import atomic_write_text
 
 PLOT_TITLES = {"history": "training curves", "confusion": "confusion matrix (clean test)",
@@ -76,8 +78,57 @@ def load_rows(out: Path) -> list[dict[str, Any]]:
     raise ConfigError(f"{out}: no results.json or results.csv here (is this a poisonlab results directory?)")
 
 
-def _img(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_confined_png(root: Path, rel: Any, max_bytes: int = 64 << 20) -> bytes:
+    """The bytes of the PNG file ``rel`` (a path relative to ``root``) that lies inside ``root``.
+
+    ``rel`` comes from a run file anyone could have edited, so it is checked, not trusted: it must be a
+    relative path that, with every symlink resolved, stays inside ``root``, names a regular file of at most
+    ``max_bytes`` bytes, and starts with the PNG signature. Raises :class:`DataError` saying which check failed.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"expected a relative file path, got {type(rel).__name__}")
+    if Path(rel).is_absolute():
+        raise DataError(f"{rel!r} is an absolute path; only files inside the results folder are read")
+    base = root.resolve()
+    try:
+        path = (base / rel).resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        raise DataError(f"{rel!r} does not exist") from None
+    if not path.is_relative_to(base):
+        raise DataError(f"{rel!r} leads outside the results folder (to {path})")
+    if not path.is_file():
+        raise DataError(f"{rel!r} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DataError(f"{rel!r} is larger than {max_bytes} bytes")
+    if not data.startswith(PNG_SIGNATURE):
+        raise DataError(f"{rel!r} is not a PNG file")
+    return data
+
+
+def _plot_figures(out: Path, run: str, detail: Any) -> list[str]:
+    """``<figure>`` elements for the plots ``out/runs/<run>.json`` names; one failing a check is skipped with a warning."""
+    source = out / "runs" / f"{run}.json"
+    plots = detail.get("plots") if isinstance(detail, dict) else None
+    if plots is not None and not isinstance(plots, dict):
+        warnings.warn(f"{source}: run {run}: field 'plots' must map plot kinds to files, found "
+                      f"{type(plots).__name__}; its plots are skipped", stacklevel=3)
+        plots = None
+    figs = []
+    for kind, rel in (plots or {}).items():
+        try:
+            png = read_confined_png(out, rel)
+        except (DataError, OSError) as e:
+            warnings.warn(f"{source}: run {run}: plots.{kind} skipped: {e}", stacklevel=3)
+            continue
+        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        figs.append(f'<figure><img alt="{html.escape(run)} {html.escape(str(kind))}" src="{src}">'
+                    f"<figcaption>{html.escape(PLOT_TITLES.get(kind, str(kind)))}</figcaption></figure>")
+    return figs
 
 
 def _cell(col: str, value: Any, std: Any = None) -> str:
@@ -138,13 +189,14 @@ def write_report(out: str | Path, title: str | None = None) -> tuple[Path, Path]
         if detail_file.is_file():
             try:
                 detail = json.loads(detail_file.read_text())
-            except ValueError:
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+                warnings.warn(f"{detail_file}: run {r['run']}: not valid JSON ({type(e).__name__}); its plots are "
+                              "skipped", stacklevel=2)
                 detail = {}
-            for kind, rel in (detail.get("plots") or {}).items():
-                p = out / rel
-                if p.is_file():
-                    figs.append(f'<figure><img alt="{html.escape(r["run"])} {html.escape(kind)}" src="{_img(p)}">'
-                                f"<figcaption>{html.escape(PLOT_TITLES.get(kind, kind))}</figcaption></figure>")
+            if not isinstance(detail, dict):
+                warnings.warn(f"{detail_file}: run {r['run']}: expected a JSON object, found "
+                              f"{type(detail).__name__}; its plots are skipped", stacklevel=2)
+            figs = _plot_figures(out, r["run"], detail)
         if r.get("error"):
             err = f'<p class="note">failed: {html.escape(str(r["error"]))}</p>'
         parts.append(f"<details><summary>{html.escape(r['run'])}</summary>{err}{''.join(figs)}</details>")
