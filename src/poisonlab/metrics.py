@@ -78,6 +78,25 @@ def detection_metrics(is_poison: np.ndarray, flagged: np.ndarray, scores: np.nda
     return out
 
 
+def robust_z(x: np.ndarray, min_mad: float | None = None) -> np.ndarray:
+    """Robust z-scores ``(x - median) / (1.4826 MAD)``: a minority of outliers does not inflate the scale.
+
+    1.4826 MAD estimates a normal standard deviation. ``min_mad``: when given, the scale is floored at
+    it (Neural Cleanse's anomaly index); when None, a MAD of (almost) zero falls back to the standard
+    deviation, or 1 if that is zero too (the filters' per-class scores).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return x
+    med = np.median(x)
+    mad = 1.4826 * np.median(np.abs(x - med))
+    if min_mad is not None:
+        mad = max(mad, min_mad)
+    elif mad <= 1e-12:
+        mad = x.std() or 1.0
+    return (x - med) / mad
+
+
 def defense_effectiveness_rating(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float:
     """DER = (max(0, ASR drop) - max(0, clean-accuracy drop) + 1) / 2 (BackdoorBench), in [0, 1]."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1) / 2

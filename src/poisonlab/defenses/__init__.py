@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Filter, FilterOutput
+from poisonlab.errors import ConfigError
 from poisonlab.plugins import import_submodules as _import_submodules
 import sys as _sys
 
@@ -13,8 +14,10 @@ _import_submodules(_sys.modules[__name__])
 
 
 def get_defense(name: str, **params: Any) -> Defense:
-    """Build the registered defence ``name`` with ``params`` (validated)."""
+    """Build the defence ``name`` (registered, a plug-in, or an import path) with ``params`` (validated)."""
     d = DEFENSES.build(name, **params)
+    if not isinstance(d, Defense):
+        raise ConfigError(f"defense {name!r} built a {type(d).__name__}, not a poisonlab.defenses.Defense")
     d.registry_name = name
     return d
 

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from poisonlab.attacks.base import check_choice, check_range
 from poisonlab.data.imageset import ImageSet
 from poisonlab.defenses._repair import require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.utils import fast_bf16
+from poisonlab.validate import check_choice, check_range
 
 # blended copies per forward pass: on a CPU a 1,280-image batch ran 30% slower per image than
 # 64-256-image ones (it no longer fits the caches)

@@ -1,6 +1,7 @@
 """Training: the one loop (:func:`fit`), its config, batched augmentation, prediction."""
 
 from poisonlab.training.augment import augment_batch
+from poisonlab.training.crossval import cross_val_pred_probs
 from poisonlab.training.loop import (
     TrainConfig,
     evaluate_loss_acc,
