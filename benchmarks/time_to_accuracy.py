@@ -19,7 +19,6 @@ import time
 import torch
 
 from poisonlab.data import load_dataset
-from poisonlab.experiments.stages import channel_stats
 from poisonlab.models import build_model
 from poisonlab.training import TrainConfig, fit, predict_proba
 
@@ -49,7 +48,7 @@ def main() -> None:
     test = load_dataset("cifar10", "test", data_dir=args.data_dir)
     if args.test_size < len(test):
         test = test.stratified_subset(args.test_size, seed=0)
-    mean, std = channel_stats(train)
+    mean, std = train.channel_stats()
     widths = tuple(int(w) for w in args.widths.split(","))
     torch.manual_seed(0)
     model = build_model("fastnet", 3, 10, 32, mean=mean, std=std, widths=widths)

@@ -89,6 +89,15 @@ class Registry(Generic[T]):
                 )
         return factory(**params)
 
+    def create(self, name: str, base: type, **params: Any) -> Any:
+        """:meth:`build`, then check that the result is a ``base`` and record ``name`` on it (``registry_name``)."""
+        obj = self.build(name, **params)
+        if not isinstance(obj, base):
+            raise ConfigError(f"{self.kind} {name!r} built a {type(obj).__name__}, not a "
+                              f"{base.__module__.rsplit('.', 1)[0]}.{base.__name__}")
+        obj.registry_name = name
+        return obj
+
     def defaults(self, name: str) -> dict[str, Any]:
         """Parameter names and their defaults, for ``poisonlab list``."""
         sig = inspect.signature(self.get(name))

@@ -11,7 +11,6 @@ from typing import Any
 from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, Trigger, n_poison
 from poisonlab.attacks.badnets import BadNets, PatchTrigger
 from poisonlab.attacks.label_flip import RandomLabelFlip
-from poisonlab.errors import ConfigError
 from poisonlab.plugins import import_submodules as _import_submodules
 import sys as _sys
 
@@ -21,11 +20,7 @@ _import_submodules(_sys.modules[__name__])
 
 def get_attack(name: str, **params: Any) -> Attack:
     """Build the attack ``name`` (registered, a plug-in, or an import path) with ``params`` (validated)."""
-    attack = ATTACKS.build(name, **params)
-    if not isinstance(attack, Attack):
-        raise ConfigError(f"attack {name!r} built a {type(attack).__name__}, not a poisonlab.attacks.Attack")
-    attack.registry_name = name
-    return attack
+    return ATTACKS.create(name, Attack, **params)
 
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "Poisoning", "Trigger", "get_attack", "n_poison", "BadNets",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Filter, FilterOutput
-from poisonlab.errors import ConfigError
 from poisonlab.plugins import import_submodules as _import_submodules
 import sys as _sys
 
@@ -15,11 +14,7 @@ _import_submodules(_sys.modules[__name__])
 
 def get_defense(name: str, **params: Any) -> Defense:
     """Build the defence ``name`` (registered, a plug-in, or an import path) with ``params`` (validated)."""
-    d = DEFENSES.build(name, **params)
-    if not isinstance(d, Defense):
-        raise ConfigError(f"defense {name!r} built a {type(d).__name__}, not a poisonlab.defenses.Defense")
-    d.registry_name = name
-    return d
+    return DEFENSES.create(name, Defense, **params)
 
 
 __all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseResult", "Filter", "FilterOutput", "get_defense"]
