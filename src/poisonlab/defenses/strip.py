@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from poisonlab.data.imageset import ImageSet
+from poisonlab.data.imageset import ImageSet, float_nchw, nchw_tensor
 from poisonlab.defenses._repair import require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.utils import fast_bf16
@@ -20,15 +20,6 @@ from poisonlab.validate import check_choice, check_range
 # blended copies per forward pass: on a CPU a 1,280-image batch ran 30% slower per image than
 # 64-256-image ones (it no longer fits the caches)
 _FORWARD_CHUNK = 256
-
-
-def _as_float(x: ImageSet | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Float NCHW in [0, 1] from an ImageSet, uint8 NHWC array, uint8 NCHW or float NCHW tensor."""
-    if isinstance(x, ImageSet):
-        return x.float_tensor()
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
-    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
 
 
 @torch.no_grad()
@@ -60,8 +51,8 @@ def strip_entropy(model: nn.Module, images: ImageSet | np.ndarray | torch.Tensor
     """
     model.eval()
     device = next(model.parameters()).device
-    x_all = _as_float(images)
-    pool = _as_float(overlay_pool).to(device)
+    x_all = float_nchw(images)
+    pool = float_nchw(overlay_pool, device)
     use_bf16 = fast_bf16(device) if bf16 is None else bool(bf16)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -197,6 +188,6 @@ class Strip(Defense):
     def _score(guard: StripGuard, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         # the same batches and float conversion as poisonlab.training.predict_logits, so the runner's
         # evaluation of the guard hits the entropy cache
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        x = nchw_tensor(images)
         return torch.cat([guard.entropy(x[i:i + batch_size].float().div_(255))
                           for i in range(0, len(x), batch_size)]).numpy()
