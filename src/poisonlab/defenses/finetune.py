@@ -5,7 +5,7 @@ from __future__ import annotations
 from poisonlab.defenses._repair import finetune_copy, pick, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
-from poisonlab.validate import check_range, check_rate, check_tuning
+from poisonlab.validate import check_rate, check_tuning
 
 
 @DEFENSES.register("finetune")
