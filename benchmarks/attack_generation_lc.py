@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
     from poisonlab.attacks import AttackContext, get_attack
     from poisonlab.attacks.stealth import stealth_metrics
     from poisonlab.data import load_dataset
-    from poisonlab.experiments.runner import channel_stats
     from poisonlab.metrics import evaluate
     from poisonlab.models import build_model
     from poisonlab.training import TrainConfig, fit
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if args.attack_train_size and args.attack_train_size < len(train) else train)
     sur_train = (train.stratified_subset(args.surrogate_train_size, seed=0)
                  if args.surrogate_train_size and args.surrogate_train_size < len(train) else train)
-    mean, std = channel_stats(train)
+    mean, std = train.channel_stats()
     recipe = TrainConfig(epochs=args.surrogate_epochs, batch_size=256, lr=0.05, crop_padding=2, flip=True)
 
     def make() -> torch.nn.Module:

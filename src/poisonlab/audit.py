@@ -28,7 +28,6 @@ The pipeline (:func:`audit_imageset`):
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -98,7 +97,7 @@ class AuditConfig:
     seed: int = 0
 
     def check(self) -> None:
-        from poisonlab.attacks.base import check_range
+        from poisonlab.validate import check_range
 
         if not isinstance(self.folds, int) or not 2 <= self.folds <= 20:
             raise ParameterError(f"folds must be an integer in [2, 20], got {self.folds!r}")
@@ -132,14 +131,14 @@ class AuditResult:
 
 
 def _trainer(data: ImageSet, cfg: AuditConfig, progress: bool) -> Callable[..., torch.nn.Module]:
-    from poisonlab.models import build_model
+    from poisonlab.models import build_model_for
     from poisonlab.training.loop import TrainConfig, fit
-    from poisonlab.utils import default_device, fast_bf16, seed_everything
+    from poisonlab.training.device import BF16_MIN_IMAGE_SIZE, resolve_device, use_bf16
+    from poisonlab.utils import seed_everything
 
-    h, _, c = data.shape
-    mean, std = data.channel_stats()
-    small = min(h, data.shape[1]) < 16
-    bf16 = cfg.bf16 if cfg.bf16 is not None else (not small and fast_bf16(default_device()))
+    side = min(data.shape[0], data.shape[1])
+    small = side < BF16_MIN_IMAGE_SIZE
+    bf16 = use_bf16("auto" if cfg.bf16 is None else cfg.bf16, resolve_device("auto"), side)
     epochs = cfg.epochs if cfg.epochs is not None else (20 if bf16 else 8)
     recipe = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, label_smoothing=0.0,
                          crop_padding=(0 if small else 2) if cfg.augment else 0, flip=cfg.augment and not small,
@@ -149,7 +148,7 @@ def _trainer(data: ImageSet, cfg: AuditConfig, progress: bool) -> Callable[..., 
     def train_model(train: ImageSet, sample_weight: np.ndarray | None = None, description: str = "train",
                     **_: Any) -> torch.nn.Module:
         seed_everything(cfg.seed)
-        model = build_model(cfg.model, c, data.num_classes, h, mean=mean, std=std, **extra)
+        model = build_model_for(cfg.model, data, **extra)
         # small folders: keep at least ~40 SGD steps per epoch, or a few epochs teach nothing
         bs = int(min(cfg.batch_size, max(32, len(train) // 40)))
         fit(model, train, recipe.model_copy(update={"batch_size": bs}), sample_weight=sample_weight, seed=cfg.seed,
@@ -167,37 +166,42 @@ def cross_validate(data: ImageSet, cfg: AuditConfig, progress: bool = False,
     other folds): one feature space for the per-class clustering, from a model
     that has learnt any trigger present in most of the data.
     """
-    from sklearn.model_selection import StratifiedKFold
-
-    from poisonlab.training.loop import extract_features, predict_proba
+    from poisonlab.training.crossval import cross_val_pred_probs
+    from poisonlab.training.loop import extract_features
 
     counts = data.class_counts()
     folds = int(min(cfg.folds, counts[counts > 0].min())) if (counts > 0).any() else cfg.folds
     if folds < 2:
         raise DataError("every class needs at least 2 images for cross-validation; "
                         f"smallest class has {counts[counts > 0].min()}")
-    train_model = _trainer(data, cfg, progress)
-    probs = np.zeros((len(data), data.num_classes), dtype=np.float32)
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=cfg.seed)
-    model = None
-    for i, (tr, te) in enumerate(skf.split(np.zeros(len(data)), data.labels)):
-        t0 = time.perf_counter()
-        model = train_model(data.subset(tr), description=f"fold {i + 1}/{folds}")
-        probs[te] = predict_proba(model, data.subset(te))
-        log(f"fold {i + 1}/{folds}: trained on {len(tr)}, out-of-sample accuracy "
-            f"{(probs[te].argmax(1) == data.labels[te]).mean():.3f} ({time.perf_counter() - t0:.0f} s)")
-    assert model is not None
-    return probs, extract_features(model, data)
+    last: list[torch.nn.Module] = []
+    clock = [time.perf_counter()]
+
+    def on_fold(i: int, model: torch.nn.Module, te: np.ndarray, fold_probs: np.ndarray) -> None:
+        last[:] = [model]  # the features come from the last fold's model
+        log(f"fold {i + 1}/{folds}: trained on {len(data) - len(te)}, out-of-sample accuracy "
+            f"{(fold_probs.argmax(1) == data.labels[te]).mean():.3f} ({time.perf_counter() - clock[0]:.0f} s)")
+        clock[0] = time.perf_counter()
+
+    probs = cross_val_pred_probs(_trainer(data, cfg, progress), data, folds, cfg.seed, on_fold, describe=True)
+    return probs, extract_features(last[0], data)
 
 
-def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndarray, cfg: AuditConfig,
-                     ) -> dict[str, Any]:
-    """Run the ground-truth-free detectors on ``features``/``cv_probs`` and combine them.
+# ------------------------------------------------------------------ evidence rules
+@dataclass(frozen=True)
+class Detections:
+    """What the ground-truth-free detectors say about every image."""
 
-    Returns a dict with ``score, flagged, finding, reasons, suggested, detector_scores,
-    detector_flags, class_info`` (see :class:`AuditResult`).
-    """
-    from poisonlab.defenses.filters._common import other_class_whitened, per_class_pca, top_k_mask
+    scores: dict[str, np.ndarray]  # detector -> suspicion score (N,)
+    flags: dict[str, np.ndarray]  # detector -> its own flag (N,)
+    suggested: np.ndarray  # confident learning's suggested label (N,)
+    class_info: dict[str, dict[str, Any]]  # activation clustering's per-class figures
+
+
+def run_detectors(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndarray, cfg: AuditConfig) -> Detections:
+    """Confident learning on ``cv_probs``; activation clustering, spectral signatures, PCA + k-means,
+    isolation forest and the k-means label vote on ``features``."""
+    from poisonlab.defenses.filters import other_class_whitened, per_class_pca
     from poisonlab.defenses.filters.activation_clustering import activation_clustering_scores
     from poisonlab.defenses.filters.confident_learning import confident_learning_scores
     from poisonlab.defenses.filters.isolation_forest import isolation_forest_scores
@@ -206,15 +210,11 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     from poisonlab.defenses.filters.pca_outliers import threshold_flags
     from poisonlab.defenses.filters.spectral_signatures import spectral_signature_scores
 
-    from poisonlab.defenses.filters._common import class_indices
-
     y = np.asarray(labels)
-    n = len(y)
     s: dict[str, np.ndarray] = {}
     f: dict[str, np.ndarray] = {}
     s["confident_learning"], f["confident_learning"], suggested = confident_learning_scores(
         y, cv_probs, min_confidence=cfg.min_confidence)
-    z = per_class_pca(features, y, 10, cfg.seed)
     # activation clustering runs on features whitened by the other classes' covariance: on
     # CIFAR-10 folders the plain per-class PCA split the target class along its natural variation
     # (a 40/60 split missing the poisons), the whitened one isolates the trigger cluster
@@ -223,82 +223,159 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
         zw, y, size_threshold=cfg.ac_size_threshold, silhouette_threshold=cfg.ac_silhouette_threshold,
         seed=cfg.seed, projected=True)
     s["spectral_signatures"] = spectral_signature_scores(features, y, cfg.seed)
-    # without an expected poison rate, spectral signatures "fires" inside the classes activation
-    # clustering found suspicious, on as many images as that class's small cluster holds
-    f["spectral_signatures"] = np.zeros(n, dtype=bool)
-    for c, idx in class_indices(y):
-        k = int(f["activation_clustering"][idx].sum())
-        if k:
-            f["spectral_signatures"][idx[top_k_mask(s["spectral_signatures"][idx], k)]] = True
-    s["pca_kmeans"] = pca_kmeans_scores(z, y, seed=cfg.seed, projected=True)
+    f["spectral_signatures"] = spectral_flags_in_clustered_classes(y, s["spectral_signatures"],
+                                                                   f["activation_clustering"])
+    s["pca_kmeans"] = pca_kmeans_scores(per_class_pca(features, y, 10, cfg.seed), y, seed=cfg.seed, projected=True)
     f["pca_kmeans"] = threshold_flags(s["pca_kmeans"], y, 3.0, None)
     s["isolation_forest"], f["isolation_forest"] = isolation_forest_scores(features, y, seed=cfg.seed)
-    s["kmeans_vote"], f["kmeans_vote"], _ = kmeans_vote_scores(features, y, y.max() + 1 if n else 2, cfg.seed)
+    s["kmeans_vote"], f["kmeans_vote"], _ = kmeans_vote_scores(features, y, y.max() + 1 if len(y) else 2, cfg.seed)
+    return Detections(s, f, suggested, ac_info["classes"])
 
-    ac_flags = f["activation_clustering"].copy()
-    counts = np.bincount(y, minlength=int(y.max()) + 1)
+
+def spectral_flags_in_clustered_classes(labels: np.ndarray, ss_scores: np.ndarray, ac_flags: np.ndarray) -> np.ndarray:
+    """Spectral signatures' flags without an expected poison rate: in each class where activation
+    clustering flagged ``k`` images, the ``k`` with the highest spectral-signature score."""
+    from poisonlab.defenses.filters import class_indices, top_k_mask
+
+    flags = np.zeros(len(labels), dtype=bool)
+    for _, idx in class_indices(labels):
+        k = int(ac_flags[idx].sum())
+        if k:
+            flags[idx[top_k_mask(ss_scores[idx], k)]] = True
+    return flags
+
+
+def class_excess(labels: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """``(counts per class, median count of the classes present, number of classes present)``."""
+    counts = np.bincount(labels, minlength=int(labels.max()) + 1)
     present = counts > 0
-    n_classes = int(present.sum())
-    median = float(np.median(counts[present]))
-    for c, idx in class_indices(y):
-        small = int(ac_flags[idx].sum())
+    return counts, float(np.median(counts[present])), int(present.sum())
+
+
+def estimated_poisons(excess: float, n_classes: int) -> int:
+    """Dirty-label poisons a class's excess over the median class suggests.
+
+    Relabelled poisons leave the other classes too: with P of them taken evenly from K - 1
+    classes, the target class exceeds the median class by P * K / (K - 1).
+    """
+    return int(round(max(excess, 0.0) * (n_classes - 1) / max(1, n_classes)))
+
+
+def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: np.ndarray,
+                          rank_scores: tuple[np.ndarray, np.ndarray], size_band: tuple[float, float] = (0.5, 2.0),
+                          min_excess_sigmas: float = 3.0, min_excess_share: float = 0.1
+                          ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
+    """Activation clustering's flags, kept only where a class is inflated as a dirty-label backdoor inflates it.
+
+    Per class with excess ``e`` over the median class (see :func:`class_excess`):
+
+    - a small cluster whose size is outside ``[size_band[0] * e, size_band[1] * e]`` (or with
+      ``e <= 0``) is a natural sub-mode: its flags are dropped;
+    - a small cluster inside the band: the excess estimates the number of poisons better than
+      2-means' cut, so the :func:`estimated_poisons` images with the highest ``ac_scores`` are flagged;
+    - no small cluster, but a clearly inflated class (``e >= max(min_excess_sigmas * sqrt(median),
+      min_excess_share * median)``): the excess estimates Tran et al.'s epsilon, so that many
+      images are flagged, ranked by the mean within-class rank of the two ``rank_scores``
+      (spectral signatures, PCA + k-means).
+
+    Returns:
+        The new flags and, per class (str), the figures to add to the class report
+        (``excess_over_median_class``, ``suspicious``, ``by_excess``, ``estimated_poisons``).
+    """
+    from poisonlab.defenses.filters import class_indices, top_k_mask
+
+    flags = np.asarray(ac_flags, dtype=bool).copy()
+    counts, median, n_classes = class_excess(labels)
+    info: dict[str, dict[str, Any]] = {}
+    for c, idx in class_indices(labels):
+        small = int(flags[idx].sum())
         excess = float(counts[c] - median)
-        # relabelled poisons leave the other classes too: with P of them taken evenly from K - 1
-        # classes, the target class exceeds the median class by P * K / (K - 1)
-        n_poison = int(round(max(excess, 0.0) * (n_classes - 1) / max(1, n_classes)))
-        info = ac_info["classes"].setdefault(str(c), {})
-        info["excess_over_median_class"] = round(excess, 1)
-        if not cfg.require_class_excess:
-            continue
-        # a dirty-label backdoor adds its poisons to the target class: the suspicious cluster
-        # should be about as large as that class's excess over a typical class
-        if small and not (excess > 0 and 0.5 * excess <= small <= 2 * excess):
-            ac_flags[idx] = False
-            info["suspicious"] = False
-            continue
-        significant = excess >= max(3.0 * np.sqrt(median), 0.1 * median)
-        if small and n_poison:
-            # the excess estimates the number of poisons better than 2-means' cut: flag that many,
-            # the ones closest to the small cluster (highest activation-clustering score)
-            ac_flags[idx] = False
-            ac_flags[idx[top_k_mask(s["activation_clustering"][idx], n_poison)]] = True
-            info["estimated_poisons"] = n_poison
-        elif significant:
-            # a clearly inflated class whose 2-means split missed the poisons: the excess estimates
-            # Tran et al.'s epsilon, so flag that many of its images, ranked by the mean within-class
-            # rank of the spectral-signature and PCA + k-means scores
-            rank = (np.argsort(np.argsort(s["spectral_signatures"][idx])) +
-                    np.argsort(np.argsort(s["pca_kmeans"][idx]))) / 2.0
-            ac_flags[idx[top_k_mask(rank, n_poison)]] = True
-            info["suspicious"] = True
-            info["by_excess"] = True
-            info["estimated_poisons"] = n_poison
-    # a cross-validated CPU model disagrees confidently with ~8% of a clean CIFAR-10 folder (hard
-    # images, not wrong labels), so a label issue becomes a finding only where the labels look
-    # systematically wrong -- its (given -> suggested) pair holds at least min_pair_share of the
-    # given class, as pairwise flips do -- or where the model is all but certain
-    issue = f["confident_learning"]
-    k_all = cv_probs.shape[1]
-    pair = np.zeros((k_all, k_all))
-    np.add.at(pair, (y[issue], suggested[issue]), 1)
-    share = pair / np.maximum(np.bincount(y, minlength=k_all), 1)[:, None]
+        n_poison = estimated_poisons(excess, n_classes)
+        info[str(c)] = entry = {"excess_over_median_class": round(excess, 1)}
+        if small and not (excess > 0 and size_band[0] * excess <= small <= size_band[1] * excess):
+            flags[idx] = False
+            entry["suspicious"] = False
+        elif small and n_poison:
+            flags[idx] = False
+            flags[idx[top_k_mask(ac_scores[idx], n_poison)]] = True
+            entry["estimated_poisons"] = n_poison
+        elif excess >= max(min_excess_sigmas * np.sqrt(median), min_excess_share * median):
+            rank = sum(np.argsort(np.argsort(r[idx])) for r in rank_scores) / 2.0
+            flags[idx[top_k_mask(rank, n_poison)]] = True
+            entry.update(suspicious=True, by_excess=True, estimated_poisons=n_poison)
+    return flags, info
+
+
+def systematic_label_issues(labels: np.ndarray, cv_probs: np.ndarray, issues: np.ndarray, suggested: np.ndarray,
+                            min_pair_share: float, certain_confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Label issues that look like wrong labels rather than hard images.
+
+    A cross-validated CPU model disagrees confidently with ~8% of a clean CIFAR-10 folder (hard
+    images, not wrong labels), so an issue counts only where its (given -> suggested) pair holds
+    at least ``min_pair_share`` of the given class, as pairwise flips do, or where the model gives
+    the suggested class at least ``certain_confidence``.
+
+    Returns:
+        ``(mislabelled (N,) bool, share (K, K))``: ``share[i, j]`` is the share of class ``i``'s
+        images with an issue suggesting ``j``.
+    """
+    y, n, k = np.asarray(labels), len(labels), cv_probs.shape[1]
+    pair = np.zeros((k, k))
+    np.add.at(pair, (y[issues], suggested[issues]), 1)
+    share = pair / np.maximum(np.bincount(y, minlength=k), 1)[:, None]
     p_sug = cv_probs[np.arange(n), suggested]
-    mislabelled = issue & ((share[y, suggested] >= cfg.min_pair_share) | (p_sug >= cfg.certain_confidence))
-    for c in range(k_all):
-        js = np.nonzero(share[c] >= cfg.min_pair_share)[0]
+    return issues & ((share[y, suggested] >= min_pair_share) | (p_sug >= certain_confidence)), share
+
+
+def systematic_pairs(share: np.ndarray, min_pair_share: float) -> dict[str, dict[str, float]]:
+    """For the report: per given class, the suggested classes holding at least ``min_pair_share`` of it."""
+    out = {}
+    for c in range(len(share)):
+        js = np.nonzero(share[c] >= min_pair_share)[0]
         if len(js):
-            ac_info["classes"].setdefault(str(c), {})["systematic_issues_to"] = {
-                str(int(j)): round(float(share[c, j]), 3) for j in js}
+            out[str(c)] = {str(int(j)): round(float(share[c, j]), 3) for j in js}
+    return out
+
+
+def suspicion_score(flagged: np.ndarray, cl_scores: np.ndarray, ac_scores: np.ndarray) -> np.ndarray:
+    """One score in [0, 1]: half the flag plus half the evidence (the probability that the label is
+    wrong, or how clearly the image sits in a small, separated cluster), so flagged images always
+    rank above unflagged ones."""
+    return 0.5 * flagged + 0.5 * np.maximum(cl_scores, np.clip(ac_scores, 0, 1))
+
+
+def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndarray, cfg: AuditConfig,
+                     ) -> dict[str, Any]:
+    """Run the ground-truth-free detectors on ``features``/``cv_probs`` and combine them with the rules above.
+
+    Returns a dict with ``score, flagged, finding, reasons, suggested, detector_scores,
+    detector_flags, class_info`` (see :class:`AuditResult`).
+    """
+    y = np.asarray(labels)
+    det = run_detectors(y, cv_probs, features, cfg)
+    s, f, info = det.scores, det.flags, det.class_info
+    ac_flags = f["activation_clustering"]
+    excess_info: dict[str, dict[str, Any]] = {}
+    if cfg.require_class_excess:
+        ac_flags, excess_info = trigger_cluster_flags(y, ac_flags, s["activation_clustering"],
+                                                      (s["spectral_signatures"], s["pca_kmeans"]))
+    else:
+        counts, median, _ = class_excess(y)
+        excess_info = {str(c): {"excess_over_median_class": round(float(counts[c] - median), 1)}
+                       for c in np.unique(y)}
+    for c, extra in excess_info.items():
+        info.setdefault(c, {}).update(extra)
+    mislabelled, share = systematic_label_issues(y, cv_probs, f["confident_learning"], det.suggested,
+                                                 cfg.min_pair_share, cfg.certain_confidence)
+    for c, pairs in systematic_pairs(share, cfg.min_pair_share).items():
+        info.setdefault(c, {})["systematic_issues_to"] = pairs
     trigger = ac_flags & ~mislabelled
     flagged = mislabelled | trigger
-    # evidence in [0, 1]: probability the label is wrong, or how clearly the image sits in a
-    # small, separated cluster of its class; flagged images always rank above unflagged ones
-    evidence = np.maximum(s["confident_learning"], np.clip(s["activation_clustering"], 0, 1))
-    score = 0.5 * flagged + 0.5 * evidence
     finding = np.where(mislabelled, "mislabelled", np.where(trigger, "trigger", "")).tolist()
-    reasons = [";".join(d for d in DETECTORS if f[d][i]) for i in range(n)]
-    return {"score": score, "flagged": flagged, "finding": finding, "reasons": reasons, "suggested": suggested,
-            "detector_scores": s, "detector_flags": f, "class_info": ac_info["classes"]}
+    reasons = [";".join(d for d in DETECTORS if f[d][i]) for i in range(len(y))]
+    return {"score": suspicion_score(flagged, s["confident_learning"], s["activation_clustering"]),
+            "flagged": flagged, "finding": finding, "reasons": reasons, "suggested": det.suggested,
+            "detector_scores": s, "detector_flags": f, "class_info": info}
 
 
 def audit_imageset(data: ImageSet, cfg: AuditConfig | None = None, progress: bool = False,
@@ -344,46 +421,53 @@ def write_csv(result: AuditResult, path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _png_data_uri(img: np.ndarray, scale: int) -> str:
-    from PIL import Image
-
-    im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}
-th{background:#f3f3f3}td:first-child{text-align:left}
+_CSS = """td:first-child{text-align:left}th{background:#f3f3f3}
 .g{display:flex;flex-wrap:wrap;gap:.5em}.c{width:120px;font-size:11px;word-break:break-all;border:1px solid #ddd;padding:3px}
 .c img{width:112px;height:112px;image-rendering:pixelated;display:block}.s{color:#a00}"""
+
+_DETECTORS_NOTE = (
+    "<h2>Detectors</h2><p>Likely mislabelled = a confident-learning label issue (Northcutt et al. "
+    "2021, k-fold out-of-sample probabilities, suggested class at least min_confidence probable) "
+    "in a systematic (given &rarr; suggested) pair holding at least min_pair_share of the given "
+    "class, or with the suggested class all but certain. Likely trigger cluster = the images "
+    "closest to the small cluster of a class that activation clustering (Chen et al. 2018, on "
+    "features whitened by the other classes' covariance) finds suspicious and that exceeds the "
+    "median class, as many as the excess estimates. Spectral signatures (Tran et al. 2018), "
+    "PCA + k-means, isolation forest and the global k-means label vote are listed as reasons "
+    "only.</p>")
 
 
 def write_html(result: AuditResult, path: Path, max_per_gallery: int = 120) -> None:
     """``report.html``: self-contained (images embedded as base64 PNG), galleries grouped by finding."""
+    from poisonlab.report.page import html_page
     from poisonlab.utils import atomic_write_text
 
     d = result.data
+    parts = [f"<h1>Audit of {html.escape(str(d.meta.get('root', d.name)))}</h1>", _overview(result),
+             _class_table(result)]
+    for key, title in FINDINGS.items():
+        parts += _gallery(result, key, title, max_per_gallery)
+    parts += _unreadable_table(result.unreadable)
+    parts.append(_DETECTORS_NOTE)
+    atomic_write_text(path, html_page(f"poisonlab audit: {d.name}", parts, _CSS))
+
+
+def _overview(result: AuditResult) -> str:
+    d = result.data
+    return (f"<p>{len(d)} images in {d.num_classes} classes; {int(result.flagged.sum())} flagged "
+            f"({int(sum(x == 'mislabelled' for x in result.finding))} likely mislabelled, "
+            f"{int(sum(x == 'trigger' for x in result.finding))} in likely trigger clusters); "
+            f"{len(result.unreadable)} unreadable. Cross-validated accuracy "
+            f"{(result.cv_pred_probs.argmax(1) == d.labels).mean():.3f}. "
+            f"Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + ".</p>")
+
+
+def _class_table(result: AuditResult) -> str:
+    d, e = result.data, html.escape
     names = d.classes
-    paths = d.paths or [str(i) for i in range(len(d))]
-    scale = max(1, 96 // max(1, d.shape[0]))
-    e = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>poisonlab audit: {e(d.name)}</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>Audit of {e(d.meta.get('root', d.name))}</h1>",
-             f"<p>{len(d)} images in {d.num_classes} classes; {int(result.flagged.sum())} flagged "
-             f"({int(sum(x == 'mislabelled' for x in result.finding))} likely mislabelled, "
-             f"{int(sum(x == 'trigger' for x in result.finding))} in likely trigger clusters); "
-             f"{len(result.unreadable)} unreadable. Cross-validated accuracy "
-             f"{(result.cv_pred_probs.argmax(1) == d.labels).mean():.3f}. "
-             f"Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + ".</p>"]
-    # per-class summary
-    parts.append("<h2>Per class</h2><table><tr><th>class</th><th>images</th><th>likely mislabelled</th>"
-                 "<th>likely trigger cluster</th><th>small cluster share</th><th>silhouette</th>"
-                 "<th>cross-validated accuracy</th><th>systematic label issues</th></tr>")
+    rows = ["<h2>Per class</h2><table><tr><th>class</th><th>images</th><th>likely mislabelled</th>"
+            "<th>likely trigger cluster</th><th>small cluster share</th><th>silhouette</th>"
+            "<th>cross-validated accuracy</th><th>systematic label issues</th></tr>"]
     pred = result.cv_pred_probs.argmax(1)
     for c, name in enumerate(names):
         m = d.labels == c
@@ -393,45 +477,47 @@ def write_html(result: AuditResult, path: Path, max_per_gallery: int = 120) -> N
         acc = (pred[m] == c).mean() if m.any() else float("nan")
         pairs = ", ".join(f"&rarr; {e(names[int(j)])} ({100 * v:.0f}%)"
                           for j, v in info.get("systematic_issues_to", {}).items() if int(j) < len(names))
-        parts.append(f"<tr><td>{e(name)}</td><td>{int(m.sum())}</td><td>{mis}</td>"
-                     f"<td{' class=s' if trg else ''}>{trg}</td><td>{info.get('small_share', '')}</td>"
-                     f"<td>{info.get('silhouette', '')}</td><td>{acc:.3f}</td><td>{pairs}</td></tr>")
-    parts.append("</table>")
-    for key, title in FINDINGS.items():
-        idx = [i for i in np.argsort(-result.score, kind="stable") if result.finding[i] == key]
-        parts.append(f"<h2>{e(title)} ({len(idx)})</h2>")
-        if not idx:
-            parts.append("<p>none</p>")
-            continue
-        if len(idx) > max_per_gallery:
-            parts.append(f"<p>showing the {max_per_gallery} most suspicious; all are in suspicious.csv</p>")
-        groups: dict[int, list[int]] = {}
-        for i in idx[:max_per_gallery]:
-            groups.setdefault(int(d.labels[i]), []).append(int(i))
-        for c, members in sorted(groups.items()):
-            parts.append(f"<h3>labelled {e(names[c])} ({len(members)})</h3><div class=g>")
-            for i in members:
-                cap = (f"{e(paths[i])}<br>label {e(names[d.labels[i]])}"
-                       + (f" &rarr; <b>{e(names[result.suggested[i]])}</b>" if key == "mislabelled" else "")
-                       + f"<br>score {result.score[i]:.3f}<br>{e(result.reasons[i].replace(';', ', '))}")
-                parts.append(f"<div class=c><img alt='{e(paths[i])}' src='{_png_data_uri(d.images[i], scale)}'>"
-                             f"{cap}</div>")
-            parts.append("</div>")
-    if result.unreadable:
-        parts.append(f"<h2>Unreadable files ({len(result.unreadable)})</h2><table><tr><th>path</th><th>error</th></tr>")
-        parts += [f"<tr><td>{e(p)}</td><td style='text-align:left'>{e(w)}</td></tr>" for p, w in result.unreadable]
-        parts.append("</table>")
-    parts.append("<h2>Detectors</h2><p>Likely mislabelled = a confident-learning label issue (Northcutt et al. "
-                 "2021, k-fold out-of-sample probabilities, suggested class at least min_confidence probable) "
-                 "in a systematic (given &rarr; suggested) pair holding at least min_pair_share of the given "
-                 "class, or with the suggested class all but certain. Likely trigger cluster = the images "
-                 "closest to the small cluster of a class that activation clustering (Chen et al. 2018, on "
-                 "features whitened by the other classes' covariance) finds suspicious and that exceeds the "
-                 "median class, as many as the excess estimates. Spectral signatures (Tran et al. 2018), "
-                 "PCA + k-means, isolation forest and the global k-means label vote are listed as reasons "
-                 "only.</p>")
-    parts.append("</body></html>")
-    atomic_write_text(path, "\n".join(parts))
+        rows.append(f"<tr><td>{e(name)}</td><td>{int(m.sum())}</td><td>{mis}</td>"
+                    f"<td{' class=s' if trg else ''}>{trg}</td><td>{info.get('small_share', '')}</td>"
+                    f"<td>{info.get('silhouette', '')}</td><td>{acc:.3f}</td><td>{pairs}</td></tr>")
+    return "".join(rows) + "</table>"
+
+
+def _gallery(result: AuditResult, key: str, title: str, max_per_gallery: int) -> list[str]:
+    """The images of one finding, most suspicious first, grouped by their given label."""
+    from poisonlab.report.page import image_data_uri
+
+    d, e = result.data, html.escape
+    names, paths = d.classes, d.paths or [str(i) for i in range(len(d))]
+    scale = max(1, 96 // max(1, d.shape[0]))
+    idx = [i for i in np.argsort(-result.score, kind="stable") if result.finding[i] == key]
+    parts = [f"<h2>{e(title)} ({len(idx)})</h2>"]
+    if not idx:
+        return parts + ["<p>none</p>"]
+    if len(idx) > max_per_gallery:
+        parts.append(f"<p>showing the {max_per_gallery} most suspicious; all are in suspicious.csv</p>")
+    groups: dict[int, list[int]] = {}
+    for i in idx[:max_per_gallery]:
+        groups.setdefault(int(d.labels[i]), []).append(int(i))
+    for c, members in sorted(groups.items()):
+        parts.append(f"<h3>labelled {e(names[c])} ({len(members)})</h3><div class=g>")
+        for i in members:
+            cap = (f"{e(paths[i])}<br>label {e(names[d.labels[i]])}"
+                   + (f" &rarr; <b>{e(names[result.suggested[i]])}</b>" if key == "mislabelled" else "")
+                   + f"<br>score {result.score[i]:.3f}<br>{e(result.reasons[i].replace(';', ', '))}")
+            parts.append(f"<div class=c><img alt='{e(paths[i])}' src='{image_data_uri(d.images[i], scale)}'>"
+                         f"{cap}</div>")
+        parts.append("</div>")
+    return parts
+
+
+def _unreadable_table(unreadable: list[tuple[str, str]]) -> list[str]:
+    if not unreadable:
+        return []
+    e = html.escape
+    return ([f"<h2>Unreadable files ({len(unreadable)})</h2><table><tr><th>path</th><th>error</th></tr>"]
+            + [f"<tr><td>{e(p)}</td><td style='text-align:left'>{e(w)}</td></tr>" for p, w in unreadable]
+            + ["</table>"])
 
 
 def audit_folder(folder: str | Path, out: str | Path, cfg: AuditConfig | None = None, image_size: int = 32,

@@ -78,14 +78,36 @@ def detection_metrics(is_poison: np.ndarray, flagged: np.ndarray, scores: np.nda
     return out
 
 
+def robust_z(x: np.ndarray, min_mad: float | None = None) -> np.ndarray:
+    """Robust z-scores ``(x - median) / (1.4826 MAD)``: a minority of outliers does not inflate the scale.
+
+    1.4826 MAD estimates a normal standard deviation. ``min_mad``: when given, the scale is floored at
+    it (Neural Cleanse's anomaly index); when None, a MAD of (almost) zero falls back to the standard
+    deviation, or 1 if that is zero too (the filters' per-class scores).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return x
+    med = np.median(x)
+    mad = 1.4826 * np.median(np.abs(x - med))
+    if min_mad is not None:
+        mad = max(mad, min_mad)
+    elif mad <= 1e-12:
+        mad = x.std() or 1.0
+    return (x - med) / mad
+
+
 def defense_effectiveness_rating(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float:
     """DER = (max(0, ASR drop) - max(0, clean-accuracy drop) + 1) / 2 (BackdoorBench), in [0, 1]."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1) / 2
 
 
 def evaluate(model: "nn.Module", test: "ImageSet", poisoning: "Poisoning | None" = None,
-             batch_size: int = 1024, tta_flip: bool = False) -> dict[str, Any]:
+             batch_size: int = 1024, tta_flip: bool = False, tta: str | None = None) -> dict[str, Any]:
     """Clean metrics of ``model`` on ``test``, plus attack metrics if ``poisoning`` has a trigger or targets.
+
+    ``tta`` names the test-time views averaged ("none", "flip", "flip_translate"; see
+    :func:`poisonlab.training.predict_logits`); ``tta_flip=True`` is the older spelling of "flip".
 
     Returns a dict with ``clean_acc, macro_f1, per_class_acc, confusion`` and,
     for backdoors, ``asr, robust_acc, confusion_triggered``; for targeted
@@ -94,7 +116,7 @@ def evaluate(model: "nn.Module", test: "ImageSet", poisoning: "Poisoning | None"
     from poisonlab.training.loop import predict_proba
 
     k = test.num_classes
-    probs = predict_proba(model, test, batch_size=batch_size, tta_flip=tta_flip)
+    probs = predict_proba(model, test, batch_size=batch_size, tta_flip=tta_flip, tta=tta)
     pred = probs.argmax(1)
     out: dict[str, Any] = {
         "clean_acc": accuracy(test.labels, pred),
@@ -108,7 +130,7 @@ def evaluate(model: "nn.Module", test: "ImageSet", poisoning: "Poisoning | None"
         return out
     if poisoning.has_trigger:
         trig = poisoning.apply_trigger(test.images)
-        tpred = predict_proba(model, trig, batch_size=batch_size, tta_flip=tta_flip).argmax(1)
+        tpred = predict_proba(model, trig, batch_size=batch_size, tta_flip=tta_flip, tta=tta).argmax(1)
         t = poisoning.target_class
         out["asr"] = attack_success_rate(test.labels, tpred, t)
         out["robust_acc"] = robust_accuracy(test.labels, tpred, t)

@@ -90,10 +90,6 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise DataError(f"{path}: not a safe poisonlab checkpoint ({e})") from e
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def fast_bf16(device: torch.device | str) -> bool:
     """Whether bfloat16 autocast is likely to speed up inference on ``device``.
 

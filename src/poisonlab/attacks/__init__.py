@@ -19,10 +19,8 @@ _import_submodules(_sys.modules[__name__])
 
 
 def get_attack(name: str, **params: Any) -> Attack:
-    """Build the registered attack ``name`` with ``params`` (validated)."""
-    attack = ATTACKS.build(name, **params)
-    attack.registry_name = name
-    return attack
+    """Build the attack ``name`` (registered, a plug-in, or an import path) with ``params`` (validated)."""
+    return ATTACKS.create(name, Attack, **params)
 
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "Poisoning", "Trigger", "get_attack", "n_poison", "BadNets",

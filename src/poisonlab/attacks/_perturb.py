@@ -17,6 +17,8 @@ from torch import nn
 
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+# re-exported: attack modules written before poisonlab.validate existed import them from here
+from poisonlab.validate import check_class, check_target_pair  # noqa: F401
 
 
 def eps_levels(epsilon: float) -> int:
@@ -73,11 +75,6 @@ def fgsm_direction(model: nn.Module, images: np.ndarray, labels: np.ndarray, bat
         (g,) = torch.autograd.grad(loss, x)
         out.append(g.sign().cpu())
     return torch.cat(out) if out else torch.empty(0)
-
-
-def check_class(value: int | None, name: str, num_classes: int, who: str) -> None:
-    if value is not None and not 0 <= value < num_classes:
-        raise ParameterError(f"{who}: {name}={value} is not a class of the dataset (allowed 0..{num_classes - 1})")
 
 
 def targets_from_context(attack, context, rng: np.random.Generator, n_targets: int) -> tuple[nn.Module, np.ndarray, int, int]:
@@ -154,14 +151,3 @@ def predict_classes(model: nn.Module, images: np.ndarray, batch_size: int = 1024
     out = [model(to_nchw_float(images[i:i + batch_size], dev)).argmax(1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.int64)
-
-
-def check_target_pair(target_class: int | None, adversarial_class: int | None) -> tuple[int | None, int | None]:
-    """Validate the optional target and adversarial classes of a targeted attack (they must differ)."""
-    from poisonlab.attacks.base import check_range
-
-    t = None if target_class is None else int(check_range(target_class, "target_class", 0, 10**6))
-    a = None if adversarial_class is None else int(check_range(adversarial_class, "adversarial_class", 0, 10**6))
-    if t is not None and t == a:
-        raise ParameterError("adversarial_class must differ from target_class")
-    return t, a

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from poisonlab.attacks.base import (ATTACKS, Attack, AttackContext, Poisoning, Trigger, check_choice, check_range,
-                                    check_rate, n_poison)
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, Trigger, n_poison
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_choice, check_range, check_rate
 
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 

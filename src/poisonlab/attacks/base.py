@@ -21,6 +21,8 @@ import numpy as np
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
 from poisonlab.registry import Registry
+# re-exported: attack modules written before poisonlab.validate existed import them from here
+from poisonlab.validate import check_choice, check_range, check_rate  # noqa: F401
 
 if TYPE_CHECKING:
     from torch import nn
@@ -193,26 +195,7 @@ def sample_from_class(train: ImageSet, cls: int, rate: float, rng: np.random.Gen
     return np.sort(rng.choice(pool, size=k, replace=False))
 
 
-def check_rate(rate: float, name: str = "rate") -> float:
-    if not isinstance(rate, (int, float)) or not 0 < rate <= 1:
-        raise ParameterError(f"{name} must be in (0, 1], got {rate!r}")
-    return float(rate)
 
-
-def check_range(value: Any, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Any:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ParameterError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
-    return value
-
-
-def check_choice(value: Any, name: str, choices: tuple) -> Any:
-    if value not in choices:
-        raise ParameterError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
 
 
 ATTACKS: Registry[Attack] = Registry("attack")

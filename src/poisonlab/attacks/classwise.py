@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from poisonlab.attacks._perturb import apply_delta, changed, check_class, to_nchw_float
-from poisonlab.data.imageset import channel_stats
-from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_choice, check_range, check_rate
+from poisonlab.attacks._perturb import apply_delta, changed, to_nchw_float
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_choice, check_class, check_range, check_rate
 
 
 def _class_pool(train: ImageSet, classes: list[int] | None) -> np.ndarray:
@@ -191,18 +191,15 @@ class ErrorMinimizing(_ClassWise):
         from poisonlab.models import MODELS
 
         self._check_classes(train)
-        if self.model not in MODELS.names():
+        if self.model not in MODELS:
             raise ParameterError(f"{self.registry_name}: model={self.model!r} is not a registered model "
                                  f"({', '.join(MODELS.names())})")
         super().check(train)
 
     def _surrogate(self, train: ImageSet, device: str):
-        from poisonlab.models import build_model
+        from poisonlab.models import build_model_for
 
-        h, _, c = train.shape
-        mean, std = channel_stats(train.images)
-        return build_model(self.model, c, train.num_classes, h, mean=mean, std=std,
-                           **self.model_params).to(device)
+        return build_model_for(self.model, train, **self.model_params).to(device)
 
     def _poison(self, train: ImageSet, rng: np.random.Generator, context: AttackContext) -> tuple[ImageSet, Poisoning]:
         idx = _choose_per_class(train.labels, _class_pool(train, self.classes), self.rate, rng)
@@ -224,7 +221,12 @@ class ErrorMinimizing(_ClassWise):
         return train.with_data(images=images), self._record(idx, train.labels[idx], extra=info)
 
     def _optimise(self, train: ImageSet, opt_idx: np.ndarray, device: str, seed: int) -> tuple[torch.Tensor, dict]:
-        """Min-min optimisation; returns the noise (K or len(opt_idx), C, H, W) on the CPU and a summary."""
+        """Min-min optimisation; returns the noise (K or len(opt_idx), C, H, W) on the CPU and a summary.
+
+        Each round trains the surrogate ``train_steps`` steps on perturbed images, then lowers its loss
+        further by moving the noise ``noise_steps`` signed-gradient steps (within ``epsilon``), until the
+        surrogate's accuracy on perturbed images reaches ``stop_accuracy`` or ``max_rounds`` pass.
+        """
         gen = torch.Generator().manual_seed(seed)
         x0 = to_nchw_float(train.images[opt_idx], device)
         y = torch.from_numpy(train.labels[opt_idx]).to(device)
@@ -233,58 +235,78 @@ class ErrorMinimizing(_ClassWise):
         delta = torch.zeros((train.num_classes if classwise else n, *x0.shape[1:]), device=device)
         model = self._surrogate(train, device)
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
-        bs = min(self.batch_size, n)
-        order, pos = torch.randperm(n, generator=gen), 0
-
-        def next_batch() -> torch.Tensor:
-            nonlocal order, pos
-            if pos + bs > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            b = order[pos:pos + bs].to(device)
-            pos += bs
-            return b
-
-        def sel(b: torch.Tensor) -> torch.Tensor:
-            return y[b] if classwise else b
-
+        batches = _Batches(n, min(self.batch_size, n), gen, device)
+        noise_of = (lambda b: y[b]) if classwise else (lambda b: b)  # whose noise an image gets
         eval_idx = torch.randperm(n, generator=gen)[:min(n, 2048)].to(device)
         acc, rounds, history = 0.0, 0, []
         for rounds in range(1, self.max_rounds + 1):
             model.train()
             for _ in range(self.train_steps):
-                b = next_batch()
-                x = (x0[b] + delta[sel(b)]).clamp(0, 1)
-                loss = F.cross_entropy(model(x), y[b])
+                b = batches.next()
+                loss = F.cross_entropy(model((x0[b] + delta[noise_of(b)]).clamp(0, 1)), y[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             model.eval()
             if classwise:
-                for _ in range(self.noise_steps):
-                    b = next_batch()
-                    d = delta.clone().requires_grad_(True)
-                    loss = F.cross_entropy(model((x0[b] + d[y[b]]).clamp(0, 1)), y[b])
-                    (g,) = torch.autograd.grad(loss, d)
-                    delta = (delta - self.step_size * g.sign()).clamp(-self.epsilon, self.epsilon)
+                delta = self._classwise_noise_steps(model, x0, y, delta, batches)
             else:
-                for i in range(0, n, bs):
-                    b = torch.arange(i, min(i + bs, n), device=device)
-                    d = delta[b]
-                    for _ in range(self.noise_steps):
-                        d = d.detach().requires_grad_(True)
-                        loss = F.cross_entropy(model((x0[b] + d).clamp(0, 1)), y[b])
-                        (g,) = torch.autograd.grad(loss, d)
-                        d = (d - self.step_size * g.sign()).clamp(-self.epsilon, self.epsilon)
-                    delta[b] = d.detach()
-            with torch.no_grad():
-                correct = 0
-                for i in range(0, len(eval_idx), 512):
-                    b = eval_idx[i:i + 512]
-                    correct += int((model((x0[b] + delta[sel(b)]).clamp(0, 1)).argmax(1) == y[b]).sum())
-                acc = correct / len(eval_idx)
+                self._samplewise_noise_steps(model, x0, y, delta, batches.bs)
+            acc = _perturbed_accuracy(model, x0, y, delta, noise_of, eval_idx)
             history.append(round(acc, 4))
             if acc >= self.stop_accuracy:
                 break
         info = {"rounds": rounds, "surrogate_acc_on_perturbed": acc, "stopped": acc >= self.stop_accuracy,
                 "acc_per_round": history, "opt_samples": n}
         return delta.detach().cpu(), info
+
+    def _classwise_noise_steps(self, model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                               batches: "_Batches") -> torch.Tensor:
+        """``noise_steps`` signed-gradient steps on the per-class noise, one mini-batch each."""
+        for _ in range(self.noise_steps):
+            b = batches.next()
+            d = delta.clone().requires_grad_(True)
+            loss = F.cross_entropy(model((x0[b] + d[y[b]]).clamp(0, 1)), y[b])
+            (g,) = torch.autograd.grad(loss, d)
+            delta = (delta - self.step_size * g.sign()).clamp(-self.epsilon, self.epsilon)
+        return delta
+
+    def _samplewise_noise_steps(self, model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                                bs: int) -> None:
+        """``noise_steps`` signed-gradient steps on every image's own noise, batch by batch, in place."""
+        n = len(x0)
+        for i in range(0, n, bs):
+            b = torch.arange(i, min(i + bs, n), device=x0.device)
+            d = delta[b]
+            for _ in range(self.noise_steps):
+                d = d.detach().requires_grad_(True)
+                loss = F.cross_entropy(model((x0[b] + d).clamp(0, 1)), y[b])
+                (g,) = torch.autograd.grad(loss, d)
+                d = (d - self.step_size * g.sign()).clamp(-self.epsilon, self.epsilon)
+            delta[b] = d.detach()
+
+
+class _Batches:
+    """Endless shuffled mini-batches of ``range(n)``: a new permutation when the next batch would run past the end."""
+
+    def __init__(self, n: int, bs: int, gen: torch.Generator, device: str | torch.device):
+        self.n, self.bs, self.gen, self.device = n, bs, gen, device
+        self.order, self.pos = torch.randperm(n, generator=gen), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.bs > self.n:
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        b = self.order[self.pos:self.pos + self.bs].to(self.device)
+        self.pos += self.bs
+        return b
+
+
+@torch.no_grad()
+def _perturbed_accuracy(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                        noise_of: Any, eval_idx: torch.Tensor) -> float:
+    """The surrogate's accuracy on the perturbed images ``eval_idx`` (in chunks of 512)."""
+    correct = 0
+    for i in range(0, len(eval_idx), 512):
+        b = eval_idx[i:i + 512]
+        correct += int((model((x0[b] + delta[noise_of(b)]).clamp(0, 1)).argmax(1) == y[b]).sum())
+    return correct / len(eval_idx)

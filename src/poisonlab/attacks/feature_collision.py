@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from poisonlab.attacks._perturb import (apply_delta, changed, check_class, check_target_pair, model_device, targets_from_context,
-                                        to_nchw_float)
-from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_range
+from poisonlab.attacks._perturb import apply_delta, changed, model_device, targets_from_context, to_nchw_float
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_class, check_range, check_target_pair
 
 
 @ATTACKS.register("feature_collision")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from poisonlab.attacks._perturb import apply_delta, changed, fgsm_direction, predict_classes
-from poisonlab.attacks.base import (ATTACKS, Attack, AttackContext, Poisoning, check_choice, check_range,
-                                    check_rate, n_poison)
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, n_poison
 from poisonlab.data.imageset import ImageSet
+from poisonlab.validate import check_choice, check_range, check_rate
 
 
 @ATTACKS.register("fgsm")

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poisonlab.attacks._perturb import (apply_delta, changed, check_class, check_target_pair, model_device, targets_from_context,
-                                        to_nchw_float)
-from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_range
+from poisonlab.attacks._perturb import apply_delta, changed, model_device, targets_from_context, to_nchw_float
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
 from poisonlab.training.augment import augment_batch
+from poisonlab.validate import check_class, check_range, check_target_pair
 
 
 def _flat_grad_params(model: nn.Module) -> list[torch.Tensor]:

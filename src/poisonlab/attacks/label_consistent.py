@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poisonlab.attacks.base import (ATTACKS, Attack, AttackContext, Poisoning, Trigger, check_choice, check_range,
-                                    check_rate, sample_from_class)
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, Trigger, sample_from_class
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_choice, check_range, check_rate
 
 CORNER_SETS = ("all", "bottom-right")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, check_rate, n_poison
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, n_poison
 from poisonlab.data.imageset import ImageSet
+from poisonlab.validate import check_rate
 
 
 @ATTACKS.register("random_flip")

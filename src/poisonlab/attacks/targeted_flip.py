@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from poisonlab.attacks.base import (ATTACKS, Attack, AttackContext, Poisoning, check_choice, check_range, check_rate,
-                                    n_poison)
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, n_poison
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_choice, check_range, check_rate
 
 
 def _check_class(value: Any, name: str) -> int:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from poisonlab.attacks.base import (ATTACKS, Attack, AttackContext, Poisoning, Trigger, check_choice, check_range,
-                                    check_rate, sample_from_class)
+from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, Trigger, sample_from_class
 from poisonlab.attacks.badnets import PoisonByTrigger
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_choice, check_range, check_rate
 
 
 def _add_signal(images: np.ndarray, signal: np.ndarray) -> np.ndarray:

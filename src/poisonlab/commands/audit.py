@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from poisonlab.commands._common import console, fail
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -32,15 +34,11 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     ) -> None:
         """Audit an image folder: writes OUT/suspicious.csv (one row per image) and OUT/report.html."""
-        from rich.console import Console
-
         from poisonlab.audit import AuditConfig, audit_folder
         from poisonlab.errors import ParameterError, PoisonlabError
 
-        console = Console()
         if not folder.is_dir():
-            Console(stderr=True).print(f"[bold red]error:[/] {folder}: not a directory", highlight=False)
-            raise typer.Exit(2)
+            fail(f"{folder}: not a directory")
         try:
             if bf16 not in ("auto", "on", "off"):
                 raise ParameterError(f"--bf16 must be auto, on or off, got {bf16!r}")
@@ -50,8 +48,7 @@ def register(app: typer.Typer) -> None:
             res = audit_folder(folder, out, cfg, image_size=image_size, channels=1 if grayscale else 3,
                                progress=not quiet, log=lambda s: console.print(s, highlight=False))
         except PoisonlabError as e:
-            Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            fail(e)
         n_mis = sum(f == "mislabelled" for f in res.finding)
         n_trg = sum(f == "trigger" for f in res.finding)
         console.print(f"{int(res.flagged.sum())} of {len(res.data)} images flagged: {n_mis} likely mislabelled, "

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from poisonlab.commands._common import console, fail, print_summary
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -17,7 +19,6 @@ def register(app: typer.Typer) -> None:
         verbose: bool = typer.Option(False, "--verbose", "-v", help="show Flower's per-round log"),
     ) -> None:
         """Federated learning with malicious clients and robust aggregators (Flower simulation); results to OUT."""
-        from poisonlab.cli import _fail, _summary, console
         from poisonlab.errors import PoisonlabError
 
         try:
@@ -28,8 +29,8 @@ def register(app: typer.Typer) -> None:
             rows = run_federated(cfg, out, str(data_dir) if data_dir else None,
                                  log=lambda s: console.print(s, highlight=False), verbose=verbose)
         except PoisonlabError as e:
-            _fail(e)
+            fail(e)
         except ImportError as e:
-            _fail(RuntimeError(f"{e}: install the federated extra (pip install -e '.[federated]')"))
-        _summary(rows)
+            fail(RuntimeError(f"{e}: install the federated extra (pip install -e '.[federated]')"))
+        print_summary(rows)
         console.print(f"results: {out / 'results.csv'}  (per round: {out / 'rounds.csv'}, plots in {out / 'plots'})")

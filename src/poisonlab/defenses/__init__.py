@@ -13,10 +13,8 @@ _import_submodules(_sys.modules[__name__])
 
 
 def get_defense(name: str, **params: Any) -> Defense:
-    """Build the registered defence ``name`` with ``params`` (validated)."""
-    d = DEFENSES.build(name, **params)
-    d.registry_name = name
-    return d
+    """Build the defence ``name`` (registered, a plug-in, or an import path) with ``params`` (validated)."""
+    return DEFENSES.create(name, Defense, **params)
 
 
 __all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseResult", "Filter", "FilterOutput", "get_defense"]

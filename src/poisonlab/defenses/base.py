@@ -17,14 +17,16 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 from torch import nn
 
-from poisonlab.attacks.base import Poisoning
 from poisonlab.data.imageset import ImageSet
 from poisonlab.registry import Registry
+
+if TYPE_CHECKING:
+    from poisonlab.attacks.base import Poisoning
 
 
 @dataclass
@@ -51,17 +53,23 @@ class DefenseContext:
     test: ImageSet
     train_model: Callable[..., nn.Module]
     clean_set: ImageSet | None = None
-    poisoning: Poisoning | None = None
+    poisoning: "Poisoning | None" = None
     seed: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
 
     def features(self) -> np.ndarray:
-        """Penultimate features of ``model`` on ``train``, computed once."""
+        """Penultimate features of ``model`` on ``train``, computed once.
+
+        A model without a ``features(x)`` method is wrapped with one taken from a named layer
+        (:func:`poisonlab.models.adapters.with_features`); without a named layer this raises a
+        :class:`~poisonlab.errors.ConfigError` that says how to name one.
+        """
         if "features" not in self.cache:
+            from poisonlab.models.adapters import with_features
             from poisonlab.training.loop import extract_features
 
-            self.cache["features"] = extract_features(self.model, self.train)
+            self.cache["features"] = extract_features(with_features(self.model), self.train)
         return self.cache["features"]
 
     def pred_probs(self) -> np.ndarray:
@@ -76,16 +84,9 @@ class DefenseContext:
         """Out-of-sample probabilities on ``train`` from ``folds``-fold cross-validation, computed once."""
         key = f"cv_pred_probs_{folds}"
         if key not in self.cache:
-            from sklearn.model_selection import StratifiedKFold
+            from poisonlab.training.crossval import cross_val_pred_probs
 
-            from poisonlab.training.loop import predict_proba
-
-            probs = np.zeros((len(self.train), self.train.num_classes), dtype=np.float32)
-            skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed)
-            for tr, te in skf.split(np.zeros(len(self.train)), self.train.labels):
-                m = self.train_model(self.train.subset(tr))
-                probs[te] = predict_proba(m, self.train.subset(te))
-            self.cache[key] = probs
+            self.cache[key] = cross_val_pred_probs(self.train_model, self.train, folds, self.seed)
         return self.cache[key]
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from poisonlab.attacks.base import check_choice, check_range
 from poisonlab.data.imageset import ImageSet
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
 from poisonlab.training.loop import predict_logits
+from poisonlab.validate import check_choice, check_range
 
 
 def hash_partition(images: np.ndarray, k: int) -> np.ndarray:

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from poisonlab.attacks.base import check_range
 from poisonlab.data.imageset import ImageSet
 from poisonlab.defenses._repair import finetune_copy, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
-from poisonlab.defenses.finetune import _check_tuning
 from poisonlab.training.loop import predict_logits
+from poisonlab.validate import check_range, check_tuning
 
 
 def prune_point(model: nn.Module) -> nn.Module:
@@ -94,7 +93,7 @@ class FinePruning(Defense):
                  batch_size: int = 64):
         self.margin = float(check_range(margin, "margin", 0, 1, lo_open=True, hi_open=True))
         self.max_fraction = float(check_range(max_fraction, "max_fraction", 0, 1, lo_open=True, hi_open=True))
-        self.epochs, self.lr, self.batch_size = _check_tuning(epochs, lr, batch_size)
+        self.epochs, self.lr, self.batch_size = check_tuning(epochs, lr, batch_size)
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         clean = require_clean_set(ctx, "fine_pruning")

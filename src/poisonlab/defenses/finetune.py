@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from poisonlab.attacks.base import check_range, check_rate
 from poisonlab.defenses._repair import finetune_copy, pick, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
-
-
-def _check_tuning(epochs: int, lr: float, batch_size: int) -> tuple[int, float, int]:
-    return (int(check_range(epochs, "epochs", 1, 10_000)), float(check_range(lr, "lr", 0, 10, lo_open=True)),
-            int(check_range(batch_size, "batch_size", 1, 65_536)))
+from poisonlab.validate import check_rate, check_tuning
 
 
 @DEFENSES.register("finetune")
@@ -31,7 +26,7 @@ class FineTune(Defense):
     retrains = False
 
     def __init__(self, epochs: int = 10, lr: float = 0.01, batch_size: int = 64):
-        self.epochs, self.lr, self.batch_size = _check_tuning(epochs, lr, batch_size)
+        self.epochs, self.lr, self.batch_size = check_tuning(epochs, lr, batch_size)
 
     def _tuning_set(self, ctx: DefenseContext):
         return require_clean_set(ctx, self.registry_name or "finetune"), {}

@@ -11,13 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poisonlab.attacks.base import check_range
 from poisonlab.data.imageset import to_uint8_nhwc
 from poisonlab.defenses._repair import finetune_copy, pick, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
-from poisonlab.defenses.finetune import _check_tuning
-
-MAD_CONSISTENCY = 1.4826  # makes the median absolute deviation estimate a normal standard deviation
+from poisonlab.metrics import robust_z
+from poisonlab.validate import check_range, check_tuning
 
 
 @dataclass
@@ -106,10 +104,7 @@ def reverse_engineer_triggers(model: nn.Module, images: torch.Tensor, num_classe
 
 def mad_anomaly_index(norms: np.ndarray) -> np.ndarray:
     """|norm - median| / (1.4826 * MAD) per class (Wang et al. 2019); large values are outliers."""
-    norms = np.asarray(norms, dtype=np.float64)
-    med = np.median(norms)
-    mad = MAD_CONSISTENCY * np.median(np.abs(norms - med))
-    return np.abs(norms - med) / max(mad, 1e-12)
+    return np.abs(robust_z(norms, min_mad=1e-12))
 
 
 @DEFENSES.register("neural_cleanse")
@@ -155,7 +150,7 @@ class NeuralCleanse(Defense):
         self.check_every = int(check_range(check_every, "check_every", 1, 1_000_000))
         self.threshold = float(check_range(threshold, "threshold", 0, 1e3, lo_open=True))
         self.unlearn_rate = float(check_range(unlearn_rate, "unlearn_rate", 0, 1, lo_open=True))
-        self.epochs, self.lr_finetune, self.batch_size_finetune = _check_tuning(epochs, lr_finetune,
+        self.epochs, self.lr_finetune, self.batch_size_finetune = check_tuning(epochs, lr_finetune,
                                                                                 batch_size_finetune)
 
     def run(self, ctx: DefenseContext) -> DefenseResult:

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from poisonlab.attacks.base import check_range
 from poisonlab.data.imageset import ImageSet
 from poisonlab.defenses._repair import require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
+from poisonlab.validate import check_range
 
 
 class L2RWeights:

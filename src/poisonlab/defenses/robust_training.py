@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from poisonlab.attacks.base import check_choice, check_range
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
+from poisonlab.validate import check_choice, check_range
 
 
 @DEFENSES.register("robust_training")

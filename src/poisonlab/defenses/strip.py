@@ -11,24 +11,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from poisonlab.attacks.base import check_choice, check_range
-from poisonlab.data.imageset import ImageSet
+from poisonlab.data.imageset import ImageSet, float_nchw, nchw_tensor
 from poisonlab.defenses._repair import require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
-from poisonlab.utils import fast_bf16
+from poisonlab.training.device import use_bf16 as bf16_rule
+from poisonlab.validate import check_choice, check_range
 
 # blended copies per forward pass: on a CPU a 1,280-image batch ran 30% slower per image than
 # 64-256-image ones (it no longer fits the caches)
 _FORWARD_CHUNK = 256
-
-
-def _as_float(x: ImageSet | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Float NCHW in [0, 1] from an ImageSet, uint8 NHWC array, uint8 NCHW or float NCHW tensor."""
-    if isinstance(x, ImageSet):
-        return x.float_tensor()
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
-    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
 
 
 @torch.no_grad()
@@ -52,17 +43,17 @@ def strip_entropy(model: nn.Module, images: ImageSet | np.ndarray | torch.Tensor
         alpha: None for the saturating sum, else the weight of the input in a linear blend.
         seed: draws the overlays, so scores repeat.
         bf16: run the model under bfloat16 autocast (entropies from float32 softmax);
-            None picks it where it is fast (:func:`poisonlab.utils.fast_bf16`): 3.2x
-            on this project's CPU. Threshold and scores must come from the same setting.
+            None (or "auto") follows the training rule (:func:`poisonlab.training.use_bf16`: bf16 units and
+            images of at least 16 pixels; 3.2x faster on this project's CPU). Threshold and scores must come from the same setting.
 
     Returns:
         ``(N,)`` float array of mean entropies.
     """
     model.eval()
     device = next(model.parameters()).device
-    x_all = _as_float(images)
-    pool = _as_float(overlay_pool).to(device)
-    use_bf16 = fast_bf16(device) if bf16 is None else bool(bf16)
+    x_all = float_nchw(images)
+    pool = float_nchw(overlay_pool, device)
+    use_bf16 = bf16_rule("auto" if bf16 is None else bf16, device, int(x_all.shape[-1]))
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(x_all), batch_size):
@@ -197,6 +188,6 @@ class Strip(Defense):
     def _score(guard: StripGuard, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         # the same batches and float conversion as poisonlab.training.predict_logits, so the runner's
         # evaluation of the guard hits the entropy cache
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        x = nchw_tensor(images)
         return torch.cat([guard.entropy(x[i:i + batch_size].float().div_(255))
                           for i in range(0, len(x), batch_size)]).numpy()

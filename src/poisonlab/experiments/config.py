@@ -60,13 +60,17 @@ class DatasetConfig(BaseModel):
     path: str | None = Field(None, description="image folder, for name = 'folder'")
     image_size: int = Field(32, ge=4, le=512)
     download: bool = False
+    loader: str | None = Field(None, description="your own loader, 'package.module:function': load(split) returns "
+                                                 "an ImageSet, (images, labels) or a dataset of (image, label)")
 
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "fastnet"
+    name: str = Field("fastnet", description="a model of `poisonlab list`, a plug-in, or 'package.module:Class'")
     params: dict[str, Any] = Field(default_factory=dict)
+    feature_layer: str | None = Field(None, description="the layer whose output is the penultimate features, for "
+                                                        "a model without a features(x) method (e.g. 'fc1')")
 
 
 class MethodConfig(BaseModel):
@@ -173,11 +177,8 @@ class ExperimentConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _check_model(cls, v: list[ModelConfig]) -> list[ModelConfig]:
-        from poisonlab.models import MODELS
-
         for m in v:
-            if m.name not in MODELS:
-                raise ValueError(f"unknown model {m.name!r}; known: {', '.join(MODELS.names())}")
+            check_model_name(m.name)
         return v
 
     @field_validator("attacks", "defenses", mode="before")
@@ -214,8 +215,10 @@ class ExperimentConfig(BaseModel):
         registry, build = (ATTACKS, get_attack) if info.field_name == "attacks" else (DEFENSES, get_defense)
         seen: set[str] = set()
         for i, m in enumerate(methods):
-            if m.name not in registry:
-                raise ValueError(f"[{i}].name: unknown {registry.kind} {m.name!r}; known: {', '.join(registry.names())}")
+            try:
+                registry.get(m.name)
+            except ConfigError as e:
+                raise ValueError(f"[{i}].name: {e}") from None
             try:
                 built = build(m.name, **m.params)
             except (ParameterError, ConfigError, TypeError, ValueError) as e:
@@ -238,7 +241,17 @@ class ExperimentConfig(BaseModel):
         return methods
 
 
-def _format_validation_error(source: str, e: ValidationError, data: dict[str, Any] | None = None) -> str:
+def check_model_name(name: str) -> None:
+    """A ``ValueError`` (pydantic reports it with the field) unless ``name`` names a model poisonlab can build."""
+    from poisonlab.models import MODELS
+
+    try:
+        MODELS.get(name)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def format_validation_error(source: str, e: ValidationError, data: dict[str, Any] | None = None) -> str:
     lines = []
     for err in e.errors(include_url=False):
         loc = list(err["loc"])
@@ -264,7 +277,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentCo
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(source, e, data)) from None
+        raise ConfigError(format_validation_error(source, e, data)) from None
 
 
 # Limits on what a config file may make us do. Config files are small hand-written tables: these only bite on

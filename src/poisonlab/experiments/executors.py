@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from poisonlab.experiments.cache import ArtifactCache
+from poisonlab.experiments.outputs import RunWriter
 from poisonlab.experiments.plan import Plan, Unit, fmt_seconds, slug
 from poisonlab.experiments.stages import Workspace
 from poisonlab.utils import atomic_write_json
@@ -82,9 +83,7 @@ def _brief(r: dict[str, Any]) -> str:
 def run_local(plan: Plan, out: Path, cache: ArtifactCache, data_dir: str | None, progress: bool,
               on_rows: OnRows, view: GridProgress, preloaded: dict[str, Any] | None = None) -> None:
     """Run every unit in this process, wave by wave (``preloaded``: data already loaded, by data key)."""
-    ws = Workspace(plan, out, cache, data_dir, progress)
-    ws._data.update(preloaded or {})
-    ws.status = lambda name, text: view.running.__setitem__(name, text)
+    ws = Workspace(plan, out, cache, data_dir, progress, status=view.running.__setitem__, preloaded=preloaded)
     for wave in WAVES:
         for unit in (u for u in plan.units if u.kind == wave):
             view.started(unit, unit.kind)
@@ -167,8 +166,8 @@ def run_ray(plan: Plan, out: Path, cache: ArtifactCache, data_dir: str | None, o
                     try:
                         rows = ray.get(ref)
                     except Exception as e:  # noqa: BLE001 - a lost worker fails its runs, not the grid
-                        ws = Workspace(plan, out, cache, data_dir)
-                        rows = [ws._failed(plan.runs[r], e) for r in unit.runs if r not in plan.done]
+                        writer = RunWriter(out, plan.cfg.plots)
+                        rows = [writer.failed(r, e) for r in unit.runs if r.name not in plan.done]
                     view.finished(unit, rows)
                     on_rows(unit, rows)
                 if time.perf_counter() - last_status > 10 and pending:

@@ -8,6 +8,11 @@ model, no defence) and one run per (attack, defence). Work is grouped into
 poisoned model, in one process so that they share features and
 cross-validated predictions in memory).
 
+Everything the planner decides is a frozen record: :class:`AttackVariant`,
+:class:`DefenseVariant`, :class:`Cell`, :class:`Run` (its cell, its variants
+and its cache keys), :class:`Unit` and the :class:`Plan` itself, so a stage
+reads ``run.attack.label`` or ``run.victim_key``, never a look-up by index.
+
 Every stage has a cache key, a hash of exactly the settings that produced it:
 
 - data: the dataset settings (name, subset sizes, image size, path);
@@ -27,65 +32,130 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from poisonlab.experiments.cache import CACHE_VERSION, ArtifactCache, digest, jsonable
-from poisonlab.experiments.config import ExperimentConfig
+from poisonlab.experiments.config import DatasetConfig, ExperimentConfig, MethodConfig, ModelConfig
+from poisonlab.training.loop import TrainConfig
 
 
-@dataclass
+# ------------------------------------------------------------------ records
+@dataclass(frozen=True)
+class AttackVariant:
+    """One attack of the config with one value per parameter (list-valued parameters expanded)."""
+
+    index: int  # position among the config's expanded attacks
+    label: str  # the readable id in run names and tables, e.g. "badnets(rate=0.1)"
+    name: str
+    params: dict[str, Any]  # every constructor parameter, defaults included, as JSON (the cache key's part)
+    config: MethodConfig  # as written: what builds it
+    needs_clean_model: bool
+    family: str
+
+    def build(self) -> Any:
+        """A fresh attack object."""
+        from poisonlab.attacks import get_attack
+
+        return get_attack(self.name, **self.config.params)
+
+
+@dataclass(frozen=True)
+class DefenseVariant:
+    """One defence of the config with one value per parameter."""
+
+    index: int  # position among the config's expanded defences
+    label: str
+    name: str
+    params: dict[str, Any]  # full parameters, plus retrain=False for a detect-only filter
+    config: MethodConfig
+    retrains: bool  # whether running it trains a model (a training to count in the plan)
+    kind: str
+
+    def build(self) -> Any:
+        """A fresh defence object (a detect-only filter with ``retrain = False``)."""
+        from poisonlab.defenses import get_defense
+
+        defense = get_defense(self.name, **self.config.params)
+        if not self.config.retrain:
+            defense.retrain = False
+        return defense
+
+    def applies_to(self, attack: AttackVariant) -> bool:
+        return self.config.applies_to(attack.config)
+
+
+@dataclass(frozen=True)
 class Cell:
+    """One (dataset, model, recipe, seed) of the grid and the cache keys that depend only on it."""
+
     index: int
-    dataset: int
-    model: int
-    training: int
+    dataset: DatasetConfig
+    model: ModelConfig
+    training: TrainConfig
     seed: int
-    labels: dict[str, str]
-    prefix: list[str]
+    labels: dict[str, str]  # dataset / model / training -> readable label
+    prefix: tuple[str, ...]  # the labels of the axes with more than one value, for run names
     data_key: str
     clean_key: str
-    cost_key: str
+    cost_key: str  # data + model + recipe: runs that cost the same training time
 
 
-@dataclass
-class RunSpec:
-    run: str
+@dataclass(frozen=True)
+class Run:
+    """One row of the results: the baseline, an attack's poisoned model, or a defence of it."""
+
+    name: str
     kind: str  # baseline | attack | defense
-    cell: int
-    attack: int | None
-    defense: int | None
-    key: str
-    attack_label: str = "none"
-    defense_label: str = "none"
+    cell: Cell
+    key: str  # cache key of the entry the row reports: clean, victim or defense
+    attack: AttackVariant | None = None
+    defense: DefenseVariant | None = None
+    poison_key: str | None = None
+    victim_key: str | None = None
+
+    @property
+    def attack_label(self) -> str:
+        return self.attack.label if self.attack is not None else "none"
+
+    @property
+    def defense_label(self) -> str:
+        return self.defense.label if self.defense is not None else "none"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Unit:
+    """Work one executor task does: a clean model, an attack's poisoned model, or the defences of one."""
+
     kind: str  # clean | attack | defenses
-    cell: int
-    attack: int | None = None
-    defenses: list[int] = field(default_factory=list)
-    runs: list[str] = field(default_factory=list)
+    cell: Cell
+    runs: tuple[Run, ...]
+    attack: AttackVariant | None = None
     trainings: int = 0  # trainings this unit will do (cache misses)
 
     @property
+    def defenses(self) -> tuple[DefenseVariant, ...]:
+        return tuple(r.defense for r in self.runs if r.defense is not None)
+
+    @property
     def name(self) -> str:
-        return f"{self.kind}:{self.cell}:{self.attack}:{','.join(map(str, self.defenses))}"
+        attack = self.attack.index if self.attack is not None else None
+        return f"{self.kind}:{self.cell.index}:{attack}:{','.join(str(d.index) for d in self.defenses)}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """A config expanded into cells, runs and the units still to run, with what the cache already holds."""
+
     cfg: ExperimentConfig
-    cells: list[Cell]
-    runs: dict[str, RunSpec]
-    attack_keys: dict[tuple[int, int], tuple[str, str]]  # (cell, attack) -> (poison key, victim key)
-    attack_info: list[dict[str, Any]]
-    defense_info: list[dict[str, Any]]
-    units: list[Unit] = field(default_factory=list)
-    done: set[str] = field(default_factory=set)
-    failed_before: set[str] = field(default_factory=set)
+    cells: tuple[Cell, ...]
+    attacks: tuple[AttackVariant, ...]
+    defenses: tuple[DefenseVariant, ...]
+    runs: dict[str, Run]  # every run of the grid, in order
+    units: tuple[Unit, ...]  # units with work left
+    done: frozenset[str] = frozenset()
+    failed_before: frozenset[str] = frozenset()
     cached: dict[str, int] = field(default_factory=dict)
     trainings_needed: int = 0
     trainings_reused: int = 0
@@ -136,7 +206,84 @@ def slug(s: str) -> str:
     return out
 
 
-def _variant_labels(variants: list[dict[str, Any]], base: str | None) -> list[str]:
+# ------------------------------------------------------------------ planning
+def build_plan(cfg: ExperimentConfig, out: str | Path | None = None, cache: ArtifactCache | None = None,
+               estimate: bool = True) -> Plan:
+    """Expand ``cfg`` into cells, runs and units; mark runs done in ``out`` and stages present in ``cache``.
+
+    ``estimate``: when the cache has no timing for a training, time a few training steps to estimate it.
+    """
+    t0 = time.perf_counter()
+    attacks, defenses = attack_variants(cfg), defense_variants(cfg)
+    cells = grid_cells(cfg)
+    units = tuple(u for cell in cells for u in cell_units(cfg, cell, attacks, defenses))
+    runs = _index_runs(units)
+    done, failed = finished_runs(runs, Path(out)) if out is not None else (frozenset(), frozenset())
+    plan = Plan(cfg, cells, attacks, defenses, runs, units, done, failed)
+    if cache is not None:
+        plan = with_cache_status(plan, cache, estimate)
+    pending = tuple(u for u in plan.units if has_work(plan, u))
+    return replace(plan, units=pending, plan_seconds=time.perf_counter() - t0)
+
+
+def attack_variants(cfg: ExperimentConfig) -> tuple[AttackVariant, ...]:
+    """Every attack entry of ``cfg`` (already expanded), built once to read its full parameters."""
+    from poisonlab.attacks import get_attack
+
+    out = []
+    for i, m in enumerate(cfg.attacks):
+        a = get_attack(m.name, **m.params)
+        out.append(AttackVariant(i, m.label, m.name, jsonable(a.params()), m, bool(a.needs_clean_model), a.family))
+    return tuple(out)
+
+
+def defense_variants(cfg: ExperimentConfig) -> tuple[DefenseVariant, ...]:
+    """Every defence entry of ``cfg``; a detect-only filter (``retrain = false``) trains nothing."""
+    from poisonlab.defenses import get_defense
+
+    out = []
+    for i, m in enumerate(cfg.defenses):
+        d = get_defense(m.name, **m.params)
+        params = jsonable(d.params()) | ({} if m.retrain else {"retrain": False})
+        out.append(DefenseVariant(i, m.label, m.name, params, m, bool(d.retrains) and m.retrain, d.kind))
+    return tuple(out)
+
+
+def dataset_key_dump(d: DatasetConfig) -> dict[str, Any]:
+    """The dataset settings that change the data (where it lives does not); unset new fields are left
+    out so that keys of configs written before them stay the same."""
+    return d.model_dump(exclude={"data_dir", "download"} | ({"loader"} if d.loader is None else set()))
+
+
+def model_key_dump(m: ModelConfig) -> dict[str, Any]:
+    return m.model_dump(exclude={"feature_layer"} if m.feature_layer is None else set())
+
+
+def grid_cells(cfg: ExperimentConfig) -> tuple[Cell, ...]:
+    """Every (dataset, model, recipe, seed) of ``cfg``, with its labels and cache keys."""
+    ds_dump = [dataset_key_dump(d) for d in cfg.dataset]
+    m_dump = [model_key_dump(m) for m in cfg.model]
+    t_dump = [t.model_dump() for t in cfg.training]
+    ds_labels = variant_labels(ds_dump, None)
+    m_labels = variant_labels([{"name": m.pop("name"), **m.pop("params"), **m} for m in map(dict, m_dump)], None)
+    t_labels = variant_labels(t_dump, "train")
+    data_keys = [digest({"v": CACHE_VERSION, "dataset": d}) for d in ds_dump]
+    cells: list[Cell] = []
+    for di, mi, ti in ((di, mi, ti) for di in range(len(ds_dump)) for mi in range(len(m_dump))
+                       for ti in range(len(t_dump))):
+        cost_key = digest({"data": data_keys[di], "model": m_dump[mi], "training": t_dump[ti]})
+        prefix = tuple(([ds_labels[di]] if len(ds_dump) > 1 else []) + ([m_labels[mi]] if len(m_dump) > 1 else [])
+                       + ([t_labels[ti]] if len(t_dump) > 1 else []))
+        for seed in cfg.seeds:
+            clean_key = digest({"stage": "clean", "data": data_keys[di], "model": m_dump[mi], "training": t_dump[ti],
+                                "seed": seed})
+            cells.append(Cell(len(cells), cfg.dataset[di], cfg.model[mi], cfg.training[ti], seed,
+                              {"dataset": ds_labels[di], "model": m_labels[mi], "training": t_labels[ti]},
+                              prefix, data_keys[di], clean_key, cost_key))
+    return tuple(cells)
+
+
+def variant_labels(variants: list[dict[str, Any]], base: str | None) -> list[str]:
     """Readable labels: the name plus the settings that differ between variants."""
     if len(variants) == 1:
         return [variants[0].get("name", base or "")]
@@ -150,105 +297,47 @@ def _variant_labels(variants: list[dict[str, Any]], base: str | None) -> list[st
     return out
 
 
-def build_plan(cfg: ExperimentConfig, out: str | Path | None = None, cache: ArtifactCache | None = None,
-               estimate: bool = True) -> Plan:
-    """Expand ``cfg`` into cells, runs and units; mark runs done in ``out`` and stages present in ``cache``."""
-    from poisonlab.attacks import get_attack
-    from poisonlab.defenses import get_defense
+def cell_units(cfg: ExperimentConfig, cell: Cell, attacks: Iterable[AttackVariant],
+               defenses: Iterable[DefenseVariant]) -> list[Unit]:
+    """The units of one cell: its clean model, then per attack its poisoned model and its defences."""
 
-    t0 = time.perf_counter()
-    ds_dump = [d.model_dump(exclude={"data_dir", "download"}) for d in cfg.dataset]
-    m_dump = [m.model_dump() for m in cfg.model]
-    t_dump = [t.model_dump() for t in cfg.training]
-    ds_labels = _variant_labels(ds_dump, None)
-    m_labels = _variant_labels([{"name": m["name"], **m["params"]} for m in m_dump], None)
-    t_labels = _variant_labels(t_dump, "train")
-    data_keys = [digest({"v": CACHE_VERSION, "dataset": d}) for d in ds_dump]
+    def run(kind: str, key: str, attack: AttackVariant | None = None, defense: DefenseVariant | None = None,
+            **keys: str) -> Run:
+        labels = [attack.label if attack else "none", defense.label if defense else "none", f"s{cell.seed}"]
+        return Run(slug("-".join(cell.prefix + tuple(labels))), kind, cell, key, attack, defense, **keys)
 
-    attack_info = []
-    for m in cfg.attacks:
-        a = get_attack(m.name, **m.params)
-        attack_info.append({"label": m.label, "name": m.name, "params": jsonable(a.params()),
-                            "needs_clean_model": bool(a.needs_clean_model), "family": a.family})
-    defense_info = []
-    for m in cfg.defenses:
-        d = get_defense(m.name, **m.params)
-        defense_info.append({"label": m.label, "name": m.name,
-                             "params": jsonable(d.params()) | ({} if m.retrain else {"retrain": False}),
-                             "retrains": bool(d.retrains) and m.retrain, "kind": d.kind})
-
-    cells: list[Cell] = []
-    runs: dict[str, RunSpec] = {}
-    attack_keys: dict[tuple[int, int], tuple[str, str]] = {}
-    units: list[Unit] = []
-    for di in range(len(cfg.dataset)):
-        for mi in range(len(cfg.model)):
-            for ti in range(len(cfg.training)):
-                cost_key = digest({"data": data_keys[di], "model": m_dump[mi], "training": t_dump[ti]})
-                for seed in cfg.seeds:
-                    prefix = ([ds_labels[di]] if len(cfg.dataset) > 1 else []) + \
-                             ([m_labels[mi]] if len(cfg.model) > 1 else []) + \
-                             ([t_labels[ti]] if len(cfg.training) > 1 else [])
-                    clean_key = digest({"stage": "clean", "data": data_keys[di], "model": m_dump[mi],
-                                        "training": t_dump[ti], "seed": seed})
-                    cell = Cell(len(cells), di, mi, ti, seed, {"dataset": ds_labels[di], "model": m_labels[mi],
-                                                               "training": t_labels[ti]},
-                                prefix, data_keys[di], clean_key, cost_key)
-                    cells.append(cell)
-
-                    def add(kind: str, a: int | None, d: int | None, key: str) -> str:
-                        al = attack_info[a]["label"] if a is not None else "none"
-                        dl = defense_info[d]["label"] if d is not None else "none"
-                        name = slug("-".join(prefix + [al, dl, f"s{seed}"]))
-                        if name in runs:
-                            raise ValueError(f"two runs would be named {name!r}")
-                        runs[name] = RunSpec(name, kind, cell.index, a, d, key, al, dl)
-                        return name
-
-                    clean_unit = Unit("clean", cell.index)
-                    if cfg.baseline:
-                        clean_unit.runs.append(add("baseline", None, None, clean_key))
-                    units.append(clean_unit)
-                    for ai, info in enumerate(attack_info):
-                        poison_key = digest({"stage": "poison", "data": data_keys[di], "attack": info["name"],
-                                             "params": info["params"], "seed": seed,
-                                             "clean": clean_key if info["needs_clean_model"] else None})
-                        victim_key = digest({"stage": "victim", "poison": poison_key, "clean": clean_key})
-                        attack_keys[(cell.index, ai)] = (poison_key, victim_key)
-                        au = Unit("attack", cell.index, ai, runs=[add("attack", ai, None, victim_key)])
-                        units.append(au)
-                        du = Unit("defenses", cell.index, ai)
-                        for dj, dinfo in enumerate(defense_info):
-                            if not cfg.defenses[dj].applies_to(cfg.attacks[ai]):
-                                continue
-                            du.defenses.append(dj)
-                            du.runs.append(add("defense", ai, dj, defense_key(victim_key, dinfo, cfg.clean_fraction)))
-                        if du.defenses:
-                            units.append(du)
-    plan = Plan(cfg, cells, runs, attack_keys, attack_info, defense_info, units)
-    if out is not None:
-        _mark_done(plan, Path(out))
-    if cache is not None:
-        _mark_cached(plan, cache, estimate)
-    plan.units = [u for u in plan.units if any(r not in plan.done for r in u.runs) or
-                  (u.kind == "clean" and _clean_needed(plan, u))]
-    plan.plan_seconds = time.perf_counter() - t0
-    return plan
+    units = [Unit("clean", cell, (run("baseline", cell.clean_key),) if cfg.baseline else ())]
+    for a in attacks:
+        poison_key = digest({"stage": "poison", "data": cell.data_key, "attack": a.name, "params": a.params,
+                             "seed": cell.seed, "clean": cell.clean_key if a.needs_clean_model else None})
+        victim_key = digest({"stage": "victim", "poison": poison_key, "clean": cell.clean_key})
+        keys = {"poison_key": poison_key, "victim_key": victim_key}
+        units.append(Unit("attack", cell, (run("attack", victim_key, a, **keys),), a))
+        defended = tuple(run("defense", defense_key(victim_key, d, cfg.clean_fraction), a, d, **keys)
+                         for d in defenses if d.applies_to(a))
+        if defended:
+            units.append(Unit("defenses", cell, defended, a))
+    return units
 
 
-def defense_key(victim_key: str, dinfo: dict[str, Any], clean_fraction: float) -> str:
-    return digest({"stage": "defense", "victim": victim_key, "defense": dinfo["name"], "params": dinfo["params"],
+def defense_key(victim_key: str, defense: DefenseVariant, clean_fraction: float) -> str:
+    return digest({"stage": "defense", "victim": victim_key, "defense": defense.name, "params": defense.params,
                    "clean_fraction": clean_fraction})
 
 
-def _clean_needed(plan: Plan, u: Unit) -> bool:
-    """A clean unit without a pending baseline run still runs if an unfinished attack needs the clean model."""
-    cell = plan.cells[u.cell]
-    return any(plan.attack_info[r.attack]["needs_clean_model"] and r.run not in plan.done
-               for r in plan.runs.values() if r.cell == cell.index and r.attack is not None)
+def _index_runs(units: Iterable[Unit]) -> dict[str, Run]:
+    runs: dict[str, Run] = {}
+    for u in units:
+        for r in u.runs:
+            if r.name in runs:
+                raise ValueError(f"two runs would be named {r.name!r}")
+            runs[r.name] = r
+    return runs
 
 
+# ------------------------------------------------------------------ what is done
 def load_result_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of ``out/results.json``; none when it is missing or unreadable (then everything runs)."""
     f = out / "results.json"
     if not f.is_file():
         return []
@@ -259,85 +348,91 @@ def load_result_rows(out: Path) -> list[dict[str, Any]]:
     return rows if isinstance(rows, list) else []
 
 
-def _mark_done(plan: Plan, out: Path) -> None:
+def finished_runs(runs: dict[str, Run], out: Path) -> tuple[frozenset[str], frozenset[str]]:
+    """``(done, failed_before)``: runs with a row in ``out`` of the same key, without and with an error.
+
+    A row of another config (or of older settings) under the same name does not count.
+    """
+    done, failed = set(), set()
     for row in load_result_rows(out):
-        spec = plan.runs.get(row.get("run"))
-        if spec is None or row.get("key") != spec.key:
-            continue  # a run of another config (or older settings) under the same name
-        if row.get("error"):
-            plan.failed_before.add(spec.run)
-        else:
-            plan.done.add(spec.run)
+        run = runs.get(row.get("run")) if isinstance(row, dict) else None
+        if run is None or row.get("key") != run.key:
+            continue
+        (failed if row.get("error") else done).add(run.name)
+    return frozenset(done), frozenset(failed)
 
 
-def _mark_cached(plan: Plan, cache: ArtifactCache, estimate: bool) -> None:
-    cfg = plan.cfg
+def has_work(plan: Plan, unit: Unit) -> bool:
+    """A unit has work when a run of it is unfinished; a clean unit also when an unfinished attack needs it."""
+    if any(r.name not in plan.done for r in unit.runs):
+        return True
+    return unit.kind == "clean" and any(
+        r.attack is not None and r.attack.needs_clean_model and r.name not in plan.done
+        for r in plan.runs.values() if r.cell.index == unit.cell.index)
+
+
+def unit_cache_status(plan: Plan, unit: Unit, cache: ArtifactCache, pending_clean: set[int]
+                      ) -> tuple[int, int, dict[str, int]]:
+    """``(trainings to do, trainings reused, cache entries found by stage)`` for one unit."""
+    if unit.kind == "clean":
+        has, pending = cache.has("clean", unit.cell.clean_key), unit.cell.index in pending_clean
+        return int(pending and not has), int(pending and has), {"clean": int(has)}
+    if unit.kind == "attack":
+        run = unit.runs[0]
+        has_victim = cache.has("victim", run.victim_key)
+        found = {"poison": int(cache.has("poison", run.poison_key)), "victim": int(has_victim)}
+        if run.name in plan.done:
+            return 0, 0, found
+        return int(not has_victim), int(has_victim), found
+    todo = reused = found = 0
+    for r in unit.runs:
+        has = cache.has("defense", r.key)
+        found += has
+        if r.defense is not None and r.defense.retrains and r.name not in plan.done:
+            reused, todo = reused + has, todo + (not has)
+    return todo, reused, {"defense": found}
+
+
+def with_cache_status(plan: Plan, cache: ArtifactCache, estimate: bool) -> Plan:
+    """``plan`` with each unit's trainings, the cache counts and the time estimate filled in."""
+    pending_clean = {u.cell.index for u in plan.units if u.kind == "clean" and has_work(plan, u)}
     counts = {"clean": 0, "poison": 0, "victim": 0, "defense": 0}
-    needed = reused = 0
+    units, needed, reused = [], 0, 0
     per_cost: dict[str, int] = {}
-    pending_clean = {u.cell for u in plan.units if u.kind == "clean" and
-                     (any(r not in plan.done for r in u.runs) or _clean_needed(plan, u))}
-    for cell in plan.cells:
-        if cache.has("clean", cell.clean_key):
-            counts["clean"] += 1
-            if cell.index in pending_clean:
-                reused += 1
-        elif cell.index in pending_clean:
-            needed += 1
-            per_cost[cell.cost_key] = per_cost.get(cell.cost_key, 0) + 1
     for u in plan.units:
-        if u.kind == "clean":
-            continue
-        cell = plan.cells[u.cell]
-        poison_key, victim_key = plan.attack_keys[(u.cell, u.attack)]
-        pending = [r for r in u.runs if r not in plan.done]
-        if u.kind == "attack":
-            counts["poison"] += cache.has("poison", poison_key)
-            has_victim = cache.has("victim", victim_key)
-            counts["victim"] += has_victim
-            if pending:
-                if has_victim:
-                    reused += 1
-                else:
-                    u.trainings = 1
-            continue
-        for dj, run in zip(u.defenses, u.runs):
-            has = cache.has("defense", plan.runs[run].key)
-            counts["defense"] += has
-            if plan.defense_info[dj]["retrains"] and run not in plan.done:
-                if has:
-                    reused += 1
-                else:
-                    u.trainings += 1
-    for u in plan.units:
-        if u.kind != "clean" and u.trainings:
-            needed += u.trainings
-            c = plan.cells[u.cell].cost_key
-            per_cost[c] = per_cost.get(c, 0) + u.trainings
-    for u in plan.units:
-        if u.kind == "clean" and u.cell in pending_clean and not cache.has("clean", plan.cells[u.cell].clean_key):
-            u.trainings = 1
-    plan.cached, plan.trainings_needed, plan.trainings_reused = counts, needed, reused
+        todo, again, found = unit_cache_status(plan, u, cache, pending_clean)
+        units.append(replace(u, trainings=todo))
+        needed, reused = needed + todo, reused + again
+        for stage, n in found.items():
+            counts[stage] += n
+        if todo:
+            per_cost[u.cell.cost_key] = per_cost.get(u.cell.cost_key, 0) + todo
+    seconds, source = training_estimate(plan.cells, per_cost, cache, estimate)
+    return replace(plan, units=tuple(units), cached=counts, trainings_needed=needed, trainings_reused=reused,
+                   seconds_estimate=seconds, estimate_source=source)
+
+
+def training_estimate(cells: Iterable[Cell], per_cost: dict[str, int], cache: ArtifactCache,
+                      estimate: bool) -> tuple[float | None, str]:
+    """Seconds of training for ``per_cost`` (trainings by cost key), from earlier trainings or timed steps."""
     if not per_cost:
-        plan.seconds_estimate, plan.estimate_source = 0.0, "nothing to train"
-        return
+        return 0.0, "nothing to train"
     total, measured, benched = 0.0, 0, 0
-    cost_cells = {c.cost_key: c for c in plan.cells}
+    cost_cells = {c.cost_key: c for c in cells}
     for ck, n in per_cost.items():
         s = cache.seconds(ck)
         if s is not None:
             measured += 1
         elif estimate:
             c = cost_cells[ck]
-            s = bench_training_seconds(cfg.dataset[c.dataset], cfg.model[c.model], cfg.training[c.training])
+            s = bench_training_seconds(c.dataset, c.model, c.training)
             benched += s is not None
         if s is None:
-            return
+            return None, ""
         total += s * n
-    plan.seconds_estimate = total
-    plan.estimate_source = ("from earlier trainings of the same settings" if not benched else
-                            "from a few timed training steps on this machine" if not measured else
-                            "earlier trainings and timed training steps")
+    return total, ("from earlier trainings of the same settings" if not benched else
+                   "from a few timed training steps on this machine" if not measured else
+                   "earlier trainings and timed training steps")
 
 
 # image shape and training-set size of the built-in datasets, so that planning reads no data
@@ -347,34 +442,42 @@ KNOWN_DATASETS = {"digits": ((8, 8, 1), 1437, 10), "mnist": ((28, 28, 1), 60000,
 _BENCH: dict[str, float | None] = {}
 
 
-def bench_training_seconds(ds: Any, model: Any, training: Any) -> float | None:
+def bench_training_seconds(ds: DatasetConfig, model: ModelConfig, training: TrainConfig) -> float | None:
     """Rough seconds for one training: a few timed SGD steps on random images of the dataset's shape."""
-    known = KNOWN_DATASETS.get(ds.name)
+    known = KNOWN_DATASETS.get(ds.name) if ds.loader is None else None
     if known is None:
         return None
     (h, w, c), n, k = known
     n = min(n, ds.train_size or n)
     key = json.dumps([h, w, c, k, model.model_dump(), training.batch_size], sort_keys=True, default=str)
     if key not in _BENCH:
-        import torch
-
-        from poisonlab.models import build_model
-
-        try:
-            net = build_model(model.name, c, k, h, **model.params)
-            bs = min(training.batch_size, 256)
-            x, y = torch.rand(bs, c, h, w), torch.randint(0, k, (bs,))
-            net.train()
-            times = []
-            # forward + backward dominate a step; torch.optim is left out because its first use imports
-            # torch._dynamo, which costs more than the whole estimate
-            for _ in range(3):
-                t0 = time.perf_counter()
-                net.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(net(x), y).backward()
-                times.append(time.perf_counter() - t0)
-            _BENCH[key] = min(times[1:]) / bs
-        except Exception:  # an estimate must never stop a grid
-            _BENCH[key] = None
+        _BENCH[key] = _seconds_per_sample(model, (h, w, c), k, min(training.batch_size, 256))
     per_sample = _BENCH[key]
     return None if per_sample is None else per_sample * n * training.epochs * (1 - training.val_fraction) * 1.15
+
+
+def _seconds_per_sample(model: ModelConfig, shape: tuple[int, int, int], k: int, bs: int) -> float | None:
+    import numpy as np
+    import torch
+
+    from poisonlab.data import ImageSet
+    from poisonlab.models import build_model_for
+
+    h, w, c = shape
+    try:
+        images = np.random.default_rng(0).integers(0, 256, (k, h, w, c), dtype=np.uint8)
+        shape_of = ImageSet(images, np.arange(k), [str(i) for i in range(k)])  # only its shape is used
+        net = build_model_for(model.name, shape_of, feature_layer=model.feature_layer, **model.params)
+        x, y = torch.rand(bs, c, h, w), torch.randint(0, k, (bs,))
+        net.train()
+        times = []
+        # forward + backward dominate a step; torch.optim is left out because its first use imports
+        # torch._dynamo, which costs more than the whole estimate
+        for _ in range(3):
+            t0 = time.perf_counter()
+            net.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:]) / bs
+    except Exception:  # noqa: BLE001 - an estimate must never stop a grid
+        return None

@@ -18,18 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from poisonlab.experiments.cache import ArtifactCache
 from poisonlab.experiments.config import ExperimentConfig
 from poisonlab.experiments.executors import GridProgress, run_local, run_ray
 from poisonlab.experiments.plan import Plan, build_plan, load_result_rows
-from poisonlab.experiments.results import BASE_COLUMNS as RESULT_COLUMNS
-from poisonlab.experiments.results import write_results
-from poisonlab.experiments.stages import Data, channel_stats, load_data
+from poisonlab.experiments.stages import dataset_splits
+from poisonlab.report.tables import write_results
 from poisonlab.utils import atomic_write_json
 
-__all__ = ["run_experiment", "plan_experiment", "RESULT_COLUMNS", "Data", "load_data", "channel_stats"]
+__all__ = ["run_experiment", "plan_experiment"]
 
 
 def plan_experiment(cfg: ExperimentConfig, out: str | Path, cache_dir: str | Path | None = None,
@@ -54,6 +51,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | None 
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
+    import torch
+
     torch.set_float32_matmul_precision("high")
     out = Path(out)
     cache = ArtifactCache(cache_dir or out / "cache")
@@ -65,29 +64,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | None 
         return [rows[r] for r in plan.runs if r in rows]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg.model_dump())
-    loaded: dict[str, Data] = {}
-    if plan.units:
-        from poisonlab.attacks import get_attack
-
-        for cell in plan.cells:  # parameters that do not fit the data fail before any training
-            if cell.data_key not in loaded:
-                loaded[cell.data_key] = data = load_data(cfg.dataset[cell.dataset], data_dir)
-                for m in cfg.attacks:
-                    get_attack(m.name, **m.params).check(data.train)
-    tracker = None
-    if mlflow_uri:
-        from poisonlab.experiments.tracking import MlflowTracker
-
-        tracker = MlflowTracker(mlflow_uri, cfg.name)
-
-    def on_rows(unit: Any, new: list[dict[str, Any]]) -> None:
-        for r in new:
-            rows[r["run"]] = r
-        write_results(out, [rows[r] for r in plan.runs if r in rows])
-        if tracker is not None:
-            for r in new:
-                tracker.log_run(out, r)
-
+    loaded = check_attacks_fit(plan, data_dir) if plan.units else {}
+    on_rows = _row_sink(plan, out, rows, mlflow_uri)
     view = GridProgress(plan, log)
     if executor == "ray":
         run_ray(plan, out, cache, data_dir, on_rows, view, address=address, num_cpus=num_cpus,
@@ -103,3 +81,36 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | None 
         log(f"report: {html} and {md}")
     log(f"{cfg.name}: {view.done} run(s) done now, {len(plan.done)} earlier, {view.failed} failed")
     return final
+
+
+def check_attacks_fit(plan: Plan, data_dir: str | None) -> dict[str, Any]:
+    """Load each cell's data and check every attack against it, so that parameters that do not fit
+    the data (a target class it lacks, a trigger larger than its images) fail before any training.
+    Returns the loaded data by data key, for the executor to reuse."""
+    loaded: dict[str, Any] = {}
+    for cell in plan.cells:
+        if cell.data_key not in loaded:
+            loaded[cell.data_key] = data = dataset_splits(cell.dataset, data_dir)
+            for attack in plan.attacks:
+                attack.build().check(data.train)
+    return loaded
+
+
+def _row_sink(plan: Plan, out: Path, rows: dict[str, dict[str, Any]], mlflow_uri: str | None
+              ) -> Callable[[Any, list[dict[str, Any]]], None]:
+    """``on_rows(unit, new_rows)``: keep the rows, rewrite the results table, log to MLflow if asked."""
+    tracker = None
+    if mlflow_uri:
+        from poisonlab.experiments.tracking import MlflowTracker
+
+        tracker = MlflowTracker(mlflow_uri, plan.cfg.name)
+
+    def on_rows(unit: Any, new: list[dict[str, Any]]) -> None:
+        for r in new:
+            rows[r["run"]] = r
+        write_results(out, [rows[r] for r in plan.runs if r in rows])
+        if tracker is not None:
+            for r in new:
+                tracker.log_run(out, r)
+
+    return on_rows

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonlab.errors import ParameterError
+from poisonlab.validate import check_beta, check_krum
 
 
 def fedavg(updates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -30,29 +30,12 @@ def coordinate_median(updates: np.ndarray) -> np.ndarray:
     return np.median(np.asarray(updates), axis=0)
 
 
-def check_beta(beta: float) -> float:
-    """Trimmed-mean cut fraction per side must be in [0, 0.5): at 0.5 nothing is left to average."""
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta < 0.5:
-        raise ParameterError(f"trimmed_mean: beta must be in [0, 0.5), got {beta!r}")
-    return float(beta)
-
-
 def trimmed_mean(updates: np.ndarray, beta: float) -> np.ndarray:
     """Coordinate-wise mean after dropping the ``int(beta * n)`` lowest and highest values."""
     check_beta(beta)
     u = np.sort(np.asarray(updates), axis=0)
     k = int(beta * len(u))
     return u[k:len(u) - k].mean(0)
-
-
-def check_krum(n: int, f: int, m: int = 1, who: str = "krum") -> None:
-    """Krum needs ``n >= 2f + 3`` clients per round (Blanchard et al., Prop. 1) and ``1 <= m <= n - f``."""
-    if not isinstance(f, (int, np.integer)) or f < 0:
-        raise ParameterError(f"{who}: f must be a non-negative integer, got {f!r}")
-    if n < 2 * f + 3:
-        raise ParameterError(f"{who}: f={f} needs at least 2f+3 = {2 * f + 3} clients per round, got {n}")
-    if not isinstance(m, (int, np.integer)) or not 1 <= m <= n - f:
-        raise ParameterError(f"{who}: m must be in [1, n - f] = [1, {n - f}], got {m!r}")
 
 
 def krum_scores(updates: np.ndarray, f: int) -> np.ndarray:

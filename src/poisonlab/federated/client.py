@@ -22,12 +22,11 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from poisonlab.attacks import AttackContext, get_attack
-from poisonlab.data import ImageSet
+from poisonlab.data import ImageSet, Splits, load_data
 from poisonlab.experiments.config import DatasetConfig
-from poisonlab.experiments.stages import Data, load_data
 from poisonlab.federated.malicious import DATA_MODES, NO_TRAINING, transform_update
 from poisonlab.federated.partition import partition
-from poisonlab.models import build_model
+from poisonlab.models import build_model_for
 from poisonlab.training.loop import TrainConfig, fit
 from poisonlab.utils import seed_everything
 
@@ -59,6 +58,7 @@ class ClientSpec:
     start_round: int = 1
     threads: int = 1
     sybil_dir: str | None = None
+    feature_layer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> str:
@@ -79,16 +79,14 @@ def malicious_ids(num_clients: int, num_malicious: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(num_clients, size=num_malicious, replace=False))
 
 
-def load_federated_data(dataset: dict[str, Any] | DatasetConfig, data_dir: str | None) -> Data:
+def load_federated_data(dataset: dict[str, Any] | DatasetConfig, data_dir: str | None) -> Splits:
     """The configured train/test slices, taken exactly as a centralised run takes them."""
     d = dataset if isinstance(dataset, DatasetConfig) else DatasetConfig.model_validate(dataset)
-    return load_data(d, data_dir)
+    return load_data(**(d.model_dump() | {"data_dir": data_dir or d.data_dir}))
 
 
 def new_model(spec: ClientSpec, train: ImageSet) -> torch.nn.Module:
-    h, _, c = train.shape
-    mean, std = train.channel_stats()
-    return build_model(spec.model, c, train.num_classes, h, mean=mean, std=std, **spec.model_params)
+    return build_model_for(spec.model, train, feature_layer=spec.feature_layer, **spec.model_params)
 
 
 def exchanged_keys(model: torch.nn.Module) -> list[str]:
@@ -144,7 +142,7 @@ def _cached(key: tuple, make):
     return _CACHE[key]
 
 
-def client_data(spec: ClientSpec) -> Data:
+def client_data(spec: ClientSpec) -> Splits:
     return _cached(("data", spec.key()), lambda: load_federated_data(spec.dataset, spec.data_dir))
 
 

@@ -41,8 +41,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from poisonlab.errors import ConfigError, ParameterError
-from poisonlab.experiments.config import (DatasetConfig, MethodConfig, ModelConfig, _format_validation_error,
-                                          read_config_file)
+from poisonlab.experiments.config import (DatasetConfig, MethodConfig, ModelConfig, check_model_name,
+                                          format_validation_error, read_config_file)
 from poisonlab.federated.malicious import DATA_MODES, MODES
 from poisonlab.training.loop import TrainConfig
 
@@ -83,8 +83,10 @@ class MaliciousConfig(BaseModel):
             return m
         from poisonlab.attacks import ATTACKS, get_attack
 
-        if m.name not in ATTACKS:
-            raise ValueError(f"unknown attack {m.name!r}; known: {', '.join(ATTACKS.names())}")
+        try:
+            ATTACKS.get(m.name)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         try:
             get_attack(m.name, **m.params)
         except (ParameterError, ConfigError, TypeError, ValueError) as e:
@@ -127,10 +129,7 @@ class FederatedConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _check_model(cls, v: ModelConfig) -> ModelConfig:
-        from poisonlab.models import MODELS
-
-        if v.name not in MODELS:
-            raise ValueError(f"unknown model {v.name!r}; known: {', '.join(MODELS.names())}")
+        check_model_name(v.name)
         return v
 
     @property
@@ -168,7 +167,7 @@ def parse_federated_config(data: dict[str, Any], source: str = "<config>") -> Fe
     try:
         cfg = FederatedConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(source, e)) from None
+        raise ConfigError(format_validation_error(source, e)) from None
     cfg.check()
     return cfg
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonlab.attacks.base import check_range
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_range
 
 
 def _check_clients(n_samples: int, num_clients: int) -> None:

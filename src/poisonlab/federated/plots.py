@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from poisonlab.report.plots import _save, plt
+from poisonlab.report.plots import plt, save_figure
 
 
 def plot_rounds(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
@@ -27,4 +27,4 @@ def plot_rounds(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], ti
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -15,8 +15,6 @@ entry per run and round), ``runs/<run>.json`` and ``plots/rounds_s<seed>.png``
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import random
@@ -24,14 +22,16 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
 
+from poisonlab.data import Splits
 from poisonlab.errors import ParameterError
 from poisonlab.experiments.config import MethodConfig
-from poisonlab.experiments.runner import RESULT_COLUMNS
 from poisonlab.federated.client import (ClientSpec, client_data, exchanged_keys, keep_global_init, load_arrays,
                                         load_federated_data, make_client_app, malicious_ids, model_arrays, new_model,
                                         server_data_init)
@@ -40,7 +40,8 @@ from poisonlab.federated.malicious import DATA_MODES
 from poisonlab.federated.partition import label_skew, partition
 from poisonlab.federated.strategies import build_aggregator
 from poisonlab.metrics import evaluate
-from poisonlab.utils import atomic_write_json, atomic_write_text, seed_everything
+from poisonlab.report.tables import BASE_COLUMNS, write_table
+from poisonlab.utils import atomic_write_json, seed_everything
 
 ROUND_COLUMNS = ["run", "aggregator", "seed", "round", "clean_acc", "macro_f1", "asr", "n_sampled",
                  "malicious_sampled", "excluded", "excl_precision", "excl_recall", "seconds"]
@@ -76,7 +77,8 @@ def _spec(cfg: FederatedConfig, data_dir: str | None, sybil_dir: str | None) -> 
         clients_per_round=cfg.federation.clients_per_round, num_malicious=cfg.num_malicious, mode=m.mode,
         attack=(m.attack.name, m.attack.params) if m.attack is not None else None, boost=m.boost, eta=m.eta,
         scale=m.scale, sigma=m.sigma, value=m.value, start_round=m.start_round,
-        threads=max(1, int(cfg.simulation.client_num_cpus)), sybil_dir=sybil_dir)
+        threads=max(1, int(cfg.simulation.client_num_cpus)), sybil_dir=sybil_dir,
+        feature_layer=cfg.model.feature_layer)
 
 
 def attack_label(cfg: FederatedConfig) -> str:
@@ -86,23 +88,36 @@ def attack_label(cfg: FederatedConfig) -> str:
     return m.mode + (f":{m.attack.label}" if m.attack is not None and m.mode in DATA_MODES else "")
 
 
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return "" if v != v else f"{v:.6g}"
-    if isinstance(v, (list, tuple)):
-        return " ".join(map(str, v))
-    return "" if v is None else v
+@dataclass(frozen=True)
+class _Run:
+    """One (seed, aggregator) run as set up before its rounds."""
+
+    name: str
+    attack: str  # the attack label in the results ("none" for the honest baseline)
+    malicious: list[int]
+    strategy: Any  # the audited Flower strategy
+    record: Any  # the malicious clients' Poisoning (data attacks), else None
 
 
-def _csv(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    for r in rows:
-        cols = cols + [k for k in r if k not in cols and not isinstance(r[k], dict)]
-    buf = io.StringIO()
-    wr = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    wr.writeheader()
-    for r in rows:
-        wr.writerow({k: _fmt(r.get(k)) for k in cols})
-    return buf.getvalue()
+def exclusion_scores(tp: int, n_excluded: int, n_malicious: int) -> dict[str, float]:
+    """``det_precision / det_recall / det_f1`` of the clients an aggregator excluded, over all rounds."""
+    prec = tp / n_excluded if n_excluded else float("nan")
+    rec = tp / n_malicious if n_malicious else float("nan")
+    f1 = 2 * prec * rec / (prec + rec) if n_excluded and n_malicious and prec + rec > 0 else float("nan")
+    return {"det_precision": prec, "det_recall": rec, "det_f1": f1}
+
+
+def round_rows(run: str, aggregator: str, seed: int, per_round: dict[int, dict[str, Any]],
+               audit: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per round: the global model's evaluation and whom the aggregator excluded."""
+    rows = []
+    for rnd in sorted(per_round):
+        a = audit.get(rnd, {})
+        rows.append({"run": run, "aggregator": aggregator, "seed": seed, "round": rnd, **per_round[rnd],
+                     "n_sampled": len(a.get("sampled", [])), "malicious_sampled": a.get("malicious_sampled", []),
+                     "excluded": a.get("excluded", []), "excl_precision": a.get("excl_precision", float("nan")),
+                     "excl_recall": a.get("excl_recall", float("nan"))})
+    return rows
 
 
 class FederatedRunner:
@@ -164,12 +179,14 @@ class FederatedRunner:
         errors: list[BaseException] = []
         server = ServerApp()
 
+        flwr = SimpleNamespace(Array=Array, ArrayRecord=ArrayRecord, ConfigRecord=ConfigRecord,
+                               MetricRecord=MetricRecord)
+
         @server.main()
         def main(grid: Grid, context: Context) -> None:
             try:
                 for run_idx, (seed, agg, honest) in enumerate(plan):
-                    self._run_one(grid, data, spec, run_idx, seed, agg, honest, Array, ArrayRecord, ConfigRecord,
-                                  MetricRecord)
+                    self._run_one(grid, data, spec, run_idx, seed, agg, honest, flwr)
             except BaseException as e:  # re-raised in the caller's thread after the simulation stops
                 errors.append(e)
                 raise
@@ -184,8 +201,38 @@ class FederatedRunner:
         self._plots()
         return self.rows
 
-    def _run_one(self, grid, data, spec: ClientSpec, run_idx: int, seed: int, agg, honest: bool, Array, ArrayRecord, ConfigRecord,
-                 MetricRecord) -> None:
+    def _run_one(self, grid: Any, data: Splits, spec: ClientSpec, run_idx: int, seed: int, agg: MethodConfig,
+                 honest: bool, flwr: SimpleNamespace) -> None:
+        """One (seed, aggregator) run of the federation: rounds, its row, its round rows and its JSON."""
+        run = self._start_run(data, spec, seed, agg, honest)
+        per_round, secs = self._rounds(grid, run, data, spec, run_idx, seed, honest, flwr)
+        rounds = round_rows(run.name, agg.label, seed, per_round, run.strategy.audit)
+        tp, n_ex, n_mal = (sum(run.strategy.audit.get(r, {}).get(k, 0) for r in per_round)
+                           for k in ("tp", "n_excluded", "n_malicious"))
+        final = per_round[max(per_round)]
+        row = {"run": run.name, "dataset": self.cfg.dataset.name, "model": self.cfg.model.name,
+               "attack": run.attack, "defense": agg.label, "seed": seed, "clean_acc": final["clean_acc"],
+               "macro_f1": final["macro_f1"], "asr": final["asr"], **exclusion_scores(tp, n_ex, n_mal),
+               "n_poisoned": len(run.record.indices) if run.record is not None else 0, "train_seconds": secs,
+               "mode": "none" if honest else spec.mode, "num_clients": spec.num_clients,
+               "n_malicious": 0 if honest else len(run.malicious), "rounds": self.cfg.federation.rounds,
+               "partition": spec.partition, "alpha": spec.alpha if spec.partition == "dirichlet" else None,
+               "excluded_malicious": tp, "excluded_benign": n_ex - tp}
+        self.rows.append(row)
+        self.rounds.extend(rounds)
+        parts = partition(data.train.labels, spec.num_clients, spec.partition, spec.alpha, seed)
+        atomic_write_json(self.out / "runs" / f"{run.name}.json", {
+            "row": row, "rounds": rounds, "malicious_clients": run.malicious,
+            "partition_sizes": [len(p) for p in parts], "label_skew": label_skew(data.train.labels, parts),
+            "audit": {str(k): v for k, v in run.strategy.audit.items()},
+            "poisoning": run.record.summary() if run.record is not None else None})
+        self._write()
+        asr = final["asr"]
+        self.log(f"  {run.name}: clean_acc={final['clean_acc']:.4f}" + (f" asr={asr:.4f}" if asr == asr else "")
+                 + f" excluded malicious {tp}/{n_mal}, benign {n_ex - tp} ({secs:.1f}s)")
+
+    def _start_run(self, data: Splits, spec: ClientSpec, seed: int, agg: MethodConfig, honest: bool) -> _Run:
+        """The run's malicious clients, its aggregator (a Flower strategy) and the poisoning they use."""
         cfg = self.cfg
         mal = malicious_ids(spec.num_clients, spec.num_malicious, seed)
         attack = "none" if honest else attack_label(cfg)
@@ -198,76 +245,44 @@ class FederatedRunner:
 
             group = tuple(mal) if spec.mode == "sybil" else (mal[0],)
             record = poisoned_set(spec, seed, group)[1]
+        return _Run(_slug(f"{agg.label}-{attack}-s{seed}"), attack, mal, strategy, record)
+
+    def _rounds(self, grid: Any, run: _Run, data: Splits, spec: ClientSpec, run_idx: int, seed: int, honest: bool,
+                flwr: SimpleNamespace) -> tuple[dict[int, dict[str, Any]], float]:
+        """Run the strategy for every round; returns the global model's evaluation per round and the
+        seconds spent outside evaluation (training and aggregation)."""
         seed_everything(seed)
         random.seed(seed)  # Flower samples the round's clients with the random module
         model = new_model(spec, data.train)
         server_data_init(model, data.train, seed)
-        keys = exchanged_keys(model)
-        initial = ArrayRecord({k: Array(v) for k, v in model_arrays(model, keys).items()})
+        initial = flwr.ArrayRecord({k: flwr.Array(v) for k, v in model_arrays(model, exchanged_keys(model)).items()})
         eval_model = new_model(spec, data.train)
         keep_global_init(eval_model)
-        run = _slug(f"{agg.label}-{attack}-s{seed}")
         per_round: dict[int, dict[str, Any]] = {}
         clock = {"t": time.perf_counter(), "eval": 0.0}
 
-        def evaluate_fn(rnd: int, arrays) -> Any:
+        def evaluate_fn(rnd: int, arrays: Any) -> Any:
             t0 = time.perf_counter()
-            errs = getattr(strategy, "errors", {})
+            errs = getattr(run.strategy, "errors", {})
             if rnd in errs:
-                raise RuntimeError(f"{run}: client failure in round {rnd}: {strategy.errors[rnd][0]}")
+                raise RuntimeError(f"{run.name}: client failure in round {rnd}: {errs[rnd][0]}")
             load_arrays(eval_model, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays())))
-            m = evaluate(eval_model, data.test, record)
+            m = evaluate(eval_model, data.test, run.record)
             per_round[rnd] = {"clean_acc": m["clean_acc"], "macro_f1": m["macro_f1"], "asr": m["asr"],
                               "seconds": t0 - clock["t"] - clock["eval"]}
             clock["eval"] += time.perf_counter() - t0
-            return MetricRecord({"clean_acc": float(m["clean_acc"]), "asr": float(np.nan_to_num(m["asr"], nan=-1))})
+            return flwr.MetricRecord({"clean_acc": float(m["clean_acc"]),
+                                      "asr": float(np.nan_to_num(m["asr"], nan=-1))})
 
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,
-                       train_config=ConfigRecord({"seed": int(seed), "run": int(run_idx), "honest": int(honest)}), evaluate_fn=evaluate_fn)
-        secs = time.perf_counter() - clock["t"] - clock["eval"]
-        tp = n_ex = n_mal = 0
-        round_rows = []
-        for rnd in sorted(per_round):
-            a = strategy.audit.get(rnd, {})
-            tp += a.get("tp", 0)
-            n_ex += a.get("n_excluded", 0)
-            n_mal += a.get("n_malicious", 0)
-            round_rows.append({"run": run, "aggregator": agg.label, "seed": seed, "round": rnd, **per_round[rnd],
-                               "n_sampled": len(a.get("sampled", [])),
-                               "malicious_sampled": a.get("malicious_sampled", []),
-                               "excluded": a.get("excluded", []),
-                               "excl_precision": a.get("excl_precision", float("nan")),
-                               "excl_recall": a.get("excl_recall", float("nan"))})
-        final = per_round[max(per_round)]
-        prec = tp / n_ex if n_ex else float("nan")
-        rec = tp / n_mal if n_mal else float("nan")
-        f1 = 2 * prec * rec / (prec + rec) if n_ex and n_mal and prec + rec > 0 else float("nan")
-        row = {"run": run, "dataset": cfg.dataset.name, "model": cfg.model.name, "attack": attack,
-               "defense": agg.label, "seed": seed, "clean_acc": final["clean_acc"], "macro_f1": final["macro_f1"],
-               "asr": final["asr"], "det_precision": prec, "det_recall": rec, "det_f1": f1,
-               "n_poisoned": len(record.indices) if record is not None else 0, "train_seconds": secs,
-               "mode": "none" if honest else spec.mode, "num_clients": spec.num_clients, "n_malicious": 0 if honest else len(mal),
-               "rounds": cfg.federation.rounds, "partition": spec.partition,
-               "alpha": spec.alpha if spec.partition == "dirichlet" else None,
-               "excluded_malicious": tp, "excluded_benign": n_ex - tp}
-        self.rows.append(row)
-        self.rounds.extend(round_rows)
-        parts = partition(data.train.labels, spec.num_clients, spec.partition, spec.alpha, seed)
-        atomic_write_json(self.out / "runs" / f"{run}.json", {
-            "row": row, "rounds": round_rows, "malicious_clients": mal,
-            "partition_sizes": [len(p) for p in parts], "label_skew": label_skew(data.train.labels, parts),
-            "audit": {str(k): v for k, v in strategy.audit.items()},
-            "poisoning": record.summary() if record is not None else None})
-        self._write()
-        asr = final["asr"]
-        self.log(f"  {run}: clean_acc={final['clean_acc']:.4f}" + (f" asr={asr:.4f}" if asr == asr else "")
-                 + f" excluded malicious {tp}/{n_mal}, benign {n_ex - tp} ({secs:.1f}s)")
+        train_config = flwr.ConfigRecord({"seed": int(seed), "run": int(run_idx), "honest": int(honest)})
+        run.strategy.start(grid=grid, initial_arrays=initial, num_rounds=self.cfg.federation.rounds,
+                           train_config=train_config, evaluate_fn=evaluate_fn)
+        return per_round, time.perf_counter() - clock["t"] - clock["eval"]
 
     # ------------------------------------------------------------ output
     def _write(self) -> None:
-        atomic_write_text(self.out / "results.csv", _csv(self.rows, RESULT_COLUMNS + EXTRA_COLUMNS))
-        atomic_write_text(self.out / "rounds.csv", _csv(self.rounds, ROUND_COLUMNS))
-        atomic_write_json(self.out / "rounds.json", self.rounds)
+        write_table(self.out, "results", self.rows, BASE_COLUMNS + EXTRA_COLUMNS)
+        write_table(self.out, "rounds", self.rounds, ROUND_COLUMNS)
 
     def _plots(self) -> None:
         if not self.cfg.plots or not self.rounds:

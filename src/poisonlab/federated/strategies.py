@@ -25,10 +25,10 @@ from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping,
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from poisonlab.attacks.base import check_range
 from poisonlab.errors import ParameterError
-from poisonlab.federated.aggregation import check_beta, check_krum, coordinate_excluded, exclusion_metrics
+from poisonlab.federated.aggregation import coordinate_excluded, exclusion_metrics
 from poisonlab.registry import Registry
+from poisonlab.validate import check_beta, check_krum, check_range
 
 MEDIAN_AUDIT_BETA = 0.25
 

@@ -25,3 +25,19 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_si
 
 
 __all__ = ["MODELS", "build_model", "Classifier", "count_parameters", "MODEL_NOTES"]
+
+
+def build_model_for(name: Any, train: Any, *, feature_layer: str | None = None, **params: Any) -> Any:
+    """A model for the images of the ImageSet ``train``: channels, classes, size and normalisation from it.
+
+    ``name`` is a registered model, a plug-in (entry point ``poisonlab.models``), an import path
+    ``"mypkg.nets:MyNet"`` or the class itself; of ``in_channels, num_classes, image_size, mean, std``
+    it gets those its constructor accepts, plus ``params``. A plain ``nn.Module`` without
+    ``features(x)`` gets one from the layer ``feature_layer`` (see :mod:`poisonlab.models.adapters`).
+    """
+    from poisonlab.models.adapters import shape_arguments, with_features
+
+    if callable(name):
+        return with_features(name(**shape_arguments(name, train, params), **params), feature_layer)
+    factory = MODELS.get(name)
+    return with_features(MODELS.build(name, **shape_arguments(factory, train, params), **params), feature_layer)

@@ -10,16 +10,16 @@ seeds, deltas against the clean baseline).
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
-from poisonlab.experiments.results import (GROUP, RESULT_COLUMNS, _num, format_value, markdown_table, summarize,
-                                           summary_columns)
 from poisonlab.errors import DataError
+from poisonlab.report.page import html_page
+from poisonlab.report.tables import (GRID_COLUMNS, GROUP, as_number, format_value, load_rows, markdown_table,
+                                     summarize, summary_columns)
 from poisonlab.utils import atomic_write_text
 
 PLOT_TITLES = {"history": "training curves", "confusion": "confusion matrix (clean test)",
@@ -28,9 +28,8 @@ PLOT_TITLES = {"history": "training curves", "confusion": "confusion matrix (cle
                "features": "penultimate features, 2-D PCA (red: poisoned)", "scores": "detection scores"}
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+table{font-size:13px;margin:.5em 0 1.5em}
+th,td{white-space:nowrap}
 th{background:#eef;cursor:pointer;user-select:none}
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 td.t,th.t{text-align:left}tr.err td{background:#fee}
@@ -64,18 +63,6 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
   table.setAttribute('data-sortable', 'ready');
 });
 """
-
-
-def load_rows(out: Path) -> list[dict[str, Any]]:
-    """Result rows of ``out``: results.json if present, else results.csv (values as strings)."""
-    if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
-    if (out / "results.csv").is_file():
-        with open(out / "results.csv", newline="") as f:
-            return [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
-    from poisonlab.errors import ConfigError
-
-    raise ConfigError(f"{out}: no results.json or results.csv here (is this a poisonlab results directory?)")
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -133,7 +120,7 @@ def _plot_figures(out: Path, run: str, detail: Any) -> list[str]:
 
 def _cell(col: str, value: Any, std: Any = None) -> str:
     text = str(value) if col in GROUP or col in ("run",) else format_value(col, value, std)
-    sort = _num(value)
+    sort = as_number(value)
     v = html.escape(str(sort if sort is not None else (value if value is not None else "")))
     cls = ' class="t"' if col in GROUP or col == "run" else ""
     return f'<td{cls} data-v="{v}">{html.escape(text)}</td>'
@@ -171,12 +158,10 @@ def write_report(out: str | Path, title: str | None = None) -> tuple[Path, Path]
     atomic_write_text(md_path, md)
 
     scols = summary_columns(summary)
-    run_cols = ["run"] + [c for c in RESULT_COLUMNS if c not in ("run", "key") and any(r.get(c) not in (None, "")
+    run_cols = ["run"] + [c for c in GRID_COLUMNS if c not in ("run", "key") and any(r.get(c) not in (None, "")
                                                                                      for r in rows)
                           and (c not in ("dataset", "model", "training") or len({r.get(c) for r in rows}) > 1)]
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>{html.escape(name)}</h1>",
+    parts = [f"<h1>{html.escape(name)}</h1>",
              f'<p class="note">{len(rows)} runs. Summary over seeds: mean ± standard deviation; d_clean_acc and '
              f"d_macro_f1 are differences to the clean baseline of the same cell; ASR, robust accuracy and DER "
              f"follow BackdoorBench. Click a column header to sort.</p>",
@@ -200,7 +185,6 @@ def write_report(out: str | Path, title: str | None = None) -> tuple[Path, Path]
         if r.get("error"):
             err = f'<p class="note">failed: {html.escape(str(r["error"]))}</p>'
         parts.append(f"<details><summary>{html.escape(r['run'])}</summary>{err}{''.join(figs)}</details>")
-    parts.append(f"<script>{_JS}</script></body></html>")
     html_path = out / "report.html"
-    atomic_write_text(html_path, "\n".join(parts))
+    atomic_write_text(html_path, html_page(name, parts, _CSS, _JS))
     return html_path, md_path

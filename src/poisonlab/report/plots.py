@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 from poisonlab.utils import atomic_write_bytes  # noqa: E402
 
 
-def _save(fig: "plt.Figure", path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: "plt.Figure", path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as a PNG to ``path`` (atomically) and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -39,7 +40,7 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike[str], title: s
         a.grid(alpha=0.3)
         a.legend()
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike[str], title: str = "") -> Path:
@@ -57,7 +58,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLi
     ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(k), classes, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_examples(clean: np.ndarray, poisoned: np.ndarray, path: str | os.PathLike[str],
@@ -83,7 +84,7 @@ def plot_examples(clean: np.ndarray, poisoned: np.ndarray, path: str | os.PathLi
     for row, name in enumerate(("clean", "poisoned", "|diff| (amplified)")):
         axes[row, 0].set_ylabel(name, fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_feature_views(views: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike[str],
@@ -100,7 +101,7 @@ def plot_feature_views(views: Sequence[tuple[str, np.ndarray, np.ndarray]], path
         ax.set_yticks([])
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_score_histogram(scores: np.ndarray, is_poison: np.ndarray, path: str | os.PathLike[str],
@@ -116,4 +117,4 @@ def plot_score_histogram(scores: np.ndarray, is_poison: np.ndarray, path: str | 
     ax.set(xlabel="suspicion score (higher = more suspicious)", ylabel="density", title=title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,6 +1,7 @@
 """Training: the one loop (:func:`fit`), its config and presets, batched augmentation, prediction."""
 
 from poisonlab.training.augment import augment_batch
+from poisonlab.training.crossval import cross_val_pred_probs
 from poisonlab.training.device import resolve_device, use_bf16
 from poisonlab.training.loop import (
     PRESETS,

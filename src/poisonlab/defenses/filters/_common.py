@@ -8,6 +8,9 @@ import numpy as np
 import torch
 
 from poisonlab.errors import ParameterError
+from poisonlab.metrics import robust_z
+# re-exported: filter modules written before poisonlab.validate existed import them from here
+from poisonlab.validate import check_fraction_or_none, check_int  # noqa: F401
 
 
 def as_features(features: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
@@ -126,18 +129,6 @@ def other_class_whitened(features: np.ndarray, labels: np.ndarray, ridge: float 
     return white.astype(np.float32)
 
 
-def robust_z(x: np.ndarray) -> np.ndarray:
-    """(x - median) / (1.4826 MAD): a z-score that a minority of outliers does not inflate."""
-    x = np.asarray(x, dtype=np.float64)
-    if len(x) == 0:
-        return x
-    med = np.median(x)
-    mad = 1.4826 * np.median(np.abs(x - med))
-    if mad <= 1e-12:
-        mad = x.std() or 1.0
-    return (x - med) / mad
-
-
 def per_class_robust_z(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """:func:`robust_z` within each class, so classes of different spread share one threshold."""
     out = np.zeros(len(scores), dtype=np.float64)
@@ -164,17 +155,3 @@ def kmeans(x: np.ndarray, n_clusters: int, seed: int = 0, n_init: int = 3) -> tu
         return np.zeros(len(x), dtype=np.int64), x.mean(0, keepdims=True)
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, max_iter=100).fit(x)
     return km.labels_.astype(np.int64), km.cluster_centers_
-
-
-def check_fraction_or_none(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ParameterError(f"{name} must be in (0, 1) or None, got {value!r}")
-    return float(value)
-
-
-def check_int(value: Any, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise ParameterError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from poisonlab.attacks.base import check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import (as_features, check_int, class_indices, class_pca, kmeans,
-                                                 other_class_whitened, pca, per_class_pca)
+from poisonlab.defenses.filters._common import (as_features, class_indices, class_pca, kmeans, other_class_whitened,
+                                                pca, per_class_pca)
+from poisonlab.validate import check_int, check_range
 
 
 def _silhouette(z: np.ndarray, assign: np.ndarray, sample: int, seed: int) -> float:

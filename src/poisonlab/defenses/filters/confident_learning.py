@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonlab.attacks.base import check_choice
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import check_int
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_choice, check_int
 
 FILTER_BY = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
 
@@ -75,7 +74,7 @@ class ConfidentLearning(Filter):
     """
 
     def __init__(self, folds: int = 5, filter_by: str = "prune_by_noise_rate", min_confidence: float = 0.0):
-        from poisonlab.attacks.base import check_range
+        from poisonlab.validate import check_range
 
         self.folds = check_int(folds, "folds", 2, 20)
         self.filter_by = check_choice(filter_by, "filter_by", FILTER_BY)

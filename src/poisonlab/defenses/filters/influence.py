@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import check_int, top_k_mask
+from poisonlab.defenses.filters._common import top_k_mask
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_int
 
 
 def _split_head(head: nn.Module) -> tuple[nn.Linear, nn.Module] | None:

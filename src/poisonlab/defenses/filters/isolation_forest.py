@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from poisonlab.attacks.base import check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import as_features, check_int, class_indices, pca
+from poisonlab.defenses.filters._common import as_features, class_indices, pca
 from poisonlab.errors import ParameterError
+from poisonlab.validate import check_int, check_range
 
 
 def isolation_forest_scores(features: np.ndarray, labels: np.ndarray | None = None, n_estimators: int = 100,

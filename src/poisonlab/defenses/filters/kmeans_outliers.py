@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonlab.attacks.base import check_choice, check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import (as_features, check_fraction_or_none, check_int, class_indices,
-                                                 kmeans)
+from poisonlab.defenses.filters._common import as_features, class_indices, kmeans
 from poisonlab.defenses.filters.pca_outliers import pixels_or_features, threshold_flags
+from poisonlab.validate import check_choice, check_fraction_or_none, check_int, check_range
 
 
 def distance_to_main_centre(x: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:

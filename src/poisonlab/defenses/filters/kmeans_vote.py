@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import as_features, check_int, kmeans
+from poisonlab.defenses.filters._common import as_features, kmeans
+from poisonlab.validate import check_int
 
 
 def kmeans_vote_scores(features: np.ndarray, labels: np.ndarray, n_clusters: int = 10,

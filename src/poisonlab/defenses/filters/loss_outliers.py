@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonlab.attacks.base import check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import check_fraction_or_none, check_int, robust_z, top_k_mask
+from poisonlab.defenses.filters._common import robust_z, top_k_mask
+from poisonlab.validate import check_fraction_or_none, check_int, check_range
 
 
 def loss_outlier_scores(pred_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonlab.attacks.base import check_choice, check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import (as_features, check_fraction_or_none, check_int, class_indices,
-                                                 class_pca, pca)
+from poisonlab.defenses.filters._common import as_features, class_indices, class_pca, pca
 from poisonlab.defenses.filters.kmeans_outliers import distance_to_main_centre
 from poisonlab.defenses.filters.pca_outliers import threshold_flags
+from poisonlab.validate import check_choice, check_fraction_or_none, check_int, check_range
 
 
 def pca_kmeans_scores(features: np.ndarray, labels: np.ndarray, n_components: int = 10, n_clusters: int = 2,

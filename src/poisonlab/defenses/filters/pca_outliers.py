@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonlab.attacks.base import check_choice, check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
-from poisonlab.defenses.filters._common import (as_features, check_fraction_or_none, check_int, class_indices,
-                                                 pca_reconstruction_error, per_class_robust_z, top_k_mask)
+from poisonlab.defenses.filters._common import (as_features, class_indices, pca_reconstruction_error,
+                                                per_class_robust_z, top_k_mask)
+from poisonlab.validate import check_choice, check_fraction_or_none, check_int, check_range
 
 
 def pca_outlier_scores(features: np.ndarray, labels: np.ndarray, n_components: int = 10, seed: int = 0) -> np.ndarray:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from poisonlab.attacks.base import check_range
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
 from poisonlab.defenses.filters._common import as_features, class_indices, top_k_mask
+from poisonlab.validate import check_range
 
 
 def spectral_signature_scores(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -1,23 +1,29 @@
-"""The results table: one row per run (results.csv / results.json) and the per-cell summary over seeds."""
+"""Result tables: one row per run (``results.csv`` / ``results.json``) and the summary over seeds.
+
+The one writer of result tables: grids (``poisonlab run``) and federated runs
+(``poisonlab federated``) both write theirs with :func:`write_table`; the report
+reads them back with :func:`load_rows` and summarises them with :func:`summarize`.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from poisonlab.utils import atomic_write_json, atomic_write_text
 
-# the columns every results table starts with (federated runs write these too)
+# the columns every results table starts with (federated runs write these, then their own)
 BASE_COLUMNS = [
     "run", "dataset", "model", "attack", "defense", "seed", "clean_acc", "macro_f1", "asr", "robust_acc",
     "target_success", "der", "det_precision", "det_recall", "det_f1", "det_auroc", "n_poisoned",
     "poison_seconds", "train_seconds", "defense_seconds", "error",
 ]
 # a grid's results.csv: the base columns plus the recipe axis, deltas to the baseline and the cache key
-RESULT_COLUMNS = [
+GRID_COLUMNS = [
     "run", "dataset", "model", "training", "attack", "defense", "seed", "clean_acc", "macro_f1", "asr",
     "robust_acc", "target_success", "der", "det_precision", "det_recall", "det_f1", "det_auroc", "n_poisoned",
     "d_clean_acc", "d_macro_f1", "poison_seconds", "train_seconds", "defense_seconds", "error", "key",
@@ -32,7 +38,8 @@ SUMMARY_METRICS = ["clean_acc", "d_clean_acc", "macro_f1", "d_macro_f1", "asr", 
 INT_COLUMNS = {"n", "seed", "n_poisoned", "n_flagged", "failed"}
 
 
-def _num(v: Any) -> float | None:
+def as_number(v: Any) -> float | None:
+    """``v`` as a float, or None for booleans, None, empty strings, non-numbers and NaN."""
     if isinstance(v, bool) or v is None or v == "":
         return None
     try:
@@ -42,26 +49,54 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def _fmt_cell(v: Any) -> Any:
+def _csv_cell(v: Any) -> Any:
     if isinstance(v, float):
         return "" if v != v else f"{v:.6g}"
-    if isinstance(v, (list, dict)):
+    if isinstance(v, (list, tuple)):
+        return " ".join(map(str, v))
+    if isinstance(v, dict):
         return ""
     return "" if v is None else v
 
 
-def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
-    """``results.csv`` (flat, for spreadsheets) and ``results.json`` (typed, what resume reads), atomically."""
-    cols = list(RESULT_COLUMNS)
+def table_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """CSV text: ``columns`` first, then every other key of the rows in order of appearance.
+
+    Floats are written with 6 significant digits (NaN as empty), lists as space-separated
+    values; keys holding dicts are left to the JSON file.
+    """
+    cols = list(columns)
     for r in rows:
-        cols += [k for k in r if k not in cols]
+        cols += [k for k, v in r.items() if k not in cols and not isinstance(v, dict)]
     buf = io.StringIO()
     wr = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     wr.writeheader()
     for r in rows:
-        wr.writerow({k: _fmt_cell(r.get(k)) for k in cols})
-    atomic_write_json(out / "results.json", rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
+        wr.writerow({k: _csv_cell(r.get(k)) for k in cols})
+    return buf.getvalue()
+
+
+def write_table(out: Path, name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """``out/<name>.csv`` (flat, for spreadsheets) and ``out/<name>.json`` (typed), each written atomically."""
+    atomic_write_json(out / f"{name}.json", list(rows))
+    atomic_write_text(out / f"{name}.csv", table_csv(rows, columns))
+
+
+def write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """A grid's ``results.csv`` and ``results.json`` (what a resumed run reads)."""
+    write_table(out, "results", rows, GRID_COLUMNS)
+
+
+def load_rows(out: Path) -> list[dict[str, Any]]:
+    """Result rows of ``out``: results.json if present, else results.csv (values as strings)."""
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    if (out / "results.csv").is_file():
+        with open(out / "results.csv", newline="") as f:
+            return [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
+    from poisonlab.errors import ConfigError
+
+    raise ConfigError(f"{out}: no results.json or results.csv here (is this a poisonlab results directory?)")
 
 
 def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,7 +117,7 @@ def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(ok) < len(rs):
             s["error"] = next(r["error"] for r in rs if r.get("error"))
         for m in SUMMARY_METRICS:
-            vals = [v for v in (_num(r.get(m)) for r in ok) if v is not None]
+            vals = [v for v in (as_number(r.get(m)) for r in ok) if v is not None]
             if vals:
                 mean = sum(vals) / len(vals)
                 std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else float("nan")
@@ -97,7 +132,7 @@ def summary_columns(summary: list[dict[str, Any]]) -> list[str]:
 
 
 def format_value(col: str, mean: Any, std: Any = None) -> str:
-    v = _num(mean)
+    v = as_number(mean)
     if v is None:
         return "-" if not isinstance(mean, str) else mean
     if col in INT_COLUMNS and float(v).is_integer():
@@ -105,7 +140,7 @@ def format_value(col: str, mean: Any, std: Any = None) -> str:
     digits = 1 if col.endswith("_seconds") else 3
     sign = "+" if col.startswith("d_") and v > 0 else ""
     text = f"{sign}{v:.{digits}f}"
-    sd = _num(std)
+    sd = as_number(std)
     if sd is not None:
         text += f" ± {sd:.{digits}f}"
     return text

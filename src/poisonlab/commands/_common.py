@@ -1,0 +1,60 @@
+"""What every sub-command shares: the consoles, the one error printer, the results summary table.
+
+Only typer and rich are imported here, so that ``poisonlab --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def fail(e: BaseException | str) -> NoReturn:
+    """Print ``error: <message>`` on stderr (one sentence, no traceback) and exit with status 2."""
+    # escape: messages quote user input and ranges such as "[0, 9]" that rich would read as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def log(text: str) -> None:
+    """A progress line on stdout, printed as it is (no markup, no highlighting)."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+SUMMARY_COLUMNS = ["dataset", "model", "training", "attack", "defense", "seed", "clean_acc", "macro_f1", "asr",
+                   "robust_acc", "der", "det_f1", "train_seconds"]
+TEXT_COLUMNS = ("dataset", "model", "training", "attack", "defense")
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    """The results as a table on stdout (columns with no value left out), then the failed runs."""
+    from rich.table import Table
+
+    cols = [c for c in SUMMARY_COLUMNS if any(isinstance(r.get(c), (int, float, str)) and r.get(c) == r.get(c)
+                                              and r.get(c) is not None for r in rows)
+            and (c not in ("dataset", "model", "training") or len({r.get(c) for r in rows}) > 1)]
+    t = Table(title="results")
+    for c in cols:
+        t.add_column(c, justify="left" if c in TEXT_COLUMNS else "right")
+    for r in rows:
+        t.add_row(*[_cell(r.get(c)) if not r.get("error") or c in ("attack", "defense", "seed") else "failed"
+                    for c in cols])
+    console.print(t)
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        console.print(f"{len(failed)} run(s) failed (errors in results.csv, tracebacks in runs/<run>.json):",
+                      highlight=False)
+        for r in failed:
+            console.print(f"  {r['run']}: {r['error']}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if v != v else f"{v:.3f}"
+    return "-" if v is None else str(v)

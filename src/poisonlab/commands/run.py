@@ -1,0 +1,53 @@
+"""``poisonlab run CONFIG --out DIR``: run an experiment grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from poisonlab.commands._common import console, fail, log, print_summary
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def run(
+        config: Path = typer.Argument(..., help="experiment config (.toml or .yaml)"),
+        out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="output directory"),
+        data_dir: Optional[Path] = typer.Option(None, "--data-dir",
+                                                help="where datasets live (else $POISONLAB_DATA, cache)"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (runs, reuse, time estimate) and stop"),
+        cache: Optional[Path] = typer.Option(None, "--cache", help="artifact cache shared by grids and workers "
+                                                                    "(default OUT/cache)"),
+        executor: str = typer.Option("local", "--executor", help="local (in-process) or ray"),
+        address: Optional[str] = typer.Option(None, "--address",
+                                              help="Ray cluster address (else a local Ray is started)"),
+        num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance"),
+        cpus_per_run: float = typer.Option(1.0, "--cpus-per-run", help="CPUs each Ray task asks for"),
+        gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help="GPUs each Ray task asks for"),
+        mlflow: Optional[str] = typer.Option(None, "--mlflow", help="log every run to this MLflow tracking URI"),
+    ) -> None:
+        """Run an experiment grid: clean baselines, one model per attack, each defence; write results to OUT.
+
+        Any axis of the config may be a list. Finished runs in OUT are skipped, so
+        re-running an interrupted command resumes it; trained models and other
+        stages come from the cache.
+        """
+        from poisonlab.errors import PoisonlabError
+        from poisonlab.experiments import load_config, run_experiment
+
+        try:
+            cfg = load_config(config)
+            rows = run_experiment(cfg, out, str(data_dir) if data_dir else None, progress=not quiet, log=log,
+                                  cache_dir=cache, executor=executor, address=address, num_cpus=num_cpus,
+                                  cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, dry_run=dry_run,
+                                  mlflow_uri=mlflow)
+        except PoisonlabError as e:
+            fail(e)
+        if dry_run:
+            return
+        print_summary(rows)
+        console.print(f"results: {out / 'results.csv'}  (per-run JSON in {out / 'runs'}, plots in {out / 'plots'}, "
+                      f"report in {out / 'report.html'})", highlight=False)

@@ -1,0 +1,99 @@
+"""The audit's evidence rules, each on a small case built so that the rule's answer is known."""
+
+import numpy as np
+import pytest
+
+from poisonlab.audit import (class_excess, estimated_poisons, spectral_flags_in_clustered_classes,
+                             suspicion_score, systematic_label_issues, systematic_pairs, trigger_cluster_flags)
+
+
+def test_class_excess_and_estimated_poisons():
+    labels = np.repeat([0, 1, 2, 3], [130, 100, 100, 90])
+    counts, median, k = class_excess(labels)
+    assert counts.tolist() == [130, 100, 100, 90] and median == 100 and k == 4
+    # P poisons taken evenly from the 3 other classes inflate the target by P * 4 / 3 over the median
+    assert estimated_poisons(40.0, 4) == 30 and estimated_poisons(-5.0, 4) == 0
+
+
+def test_spectral_flags_follow_the_clusters_activation_clustering_found():
+    labels = np.repeat([0, 1], 6)
+    ac = np.zeros(12, bool)
+    ac[[1, 2]] = True  # two images of class 0 in the small cluster, none of class 1
+    ss = np.arange(12, dtype=float)  # highest spectral scores at the end of each class
+    flags = spectral_flags_in_clustered_classes(labels, ss, ac)
+    assert np.nonzero(flags)[0].tolist() == [4, 5]  # class 0's two highest; class 1 untouched
+
+
+def _case(rng, sizes, cluster=None):
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    ac_flags = np.zeros(len(labels), bool)
+    ac_scores = rng.random(len(labels)) * 0.1
+    if cluster is not None:
+        c, n = cluster
+        idx = np.nonzero(labels == c)[0][:n]
+        ac_flags[idx] = True
+        ac_scores[idx] = 0.9 + rng.random(n) * 0.1
+    return labels, ac_flags, ac_scores
+
+
+def test_trigger_cluster_in_an_inflated_class_is_resized_to_the_excess():
+    rng = np.random.default_rng(0)
+    labels, ac, score = _case(rng, [140, 100, 100, 100], cluster=(0, 50))  # excess 40, cluster 50: in band
+    rank = (rng.random(len(labels)), rng.random(len(labels)))
+    flags, info = trigger_cluster_flags(labels, ac, score, rank)
+    assert flags.sum() == estimated_poisons(40, 4) == 30
+    assert set(np.nonzero(flags)[0]) <= set(np.nonzero(ac)[0])  # the highest-scoring members of the cluster
+    assert info["0"] == {"excess_over_median_class": 40.0, "estimated_poisons": 30}
+
+
+def test_cluster_without_excess_is_a_natural_sub_mode():
+    rng = np.random.default_rng(1)
+    labels, ac, score = _case(rng, [100, 100, 100, 100], cluster=(2, 30))
+    flags, info = trigger_cluster_flags(labels, ac, score, (score, score))
+    assert not flags.any() and info["2"]["suspicious"] is False
+    # a band that admits it keeps nothing either: there is no excess to estimate the poisons from
+    flags, _ = trigger_cluster_flags(labels, ac, score, (score, score), size_band=(0.0, 10.0))
+    assert not flags.any()
+
+
+def test_inflated_class_without_a_cluster_is_flagged_by_rank():
+    rng = np.random.default_rng(2)
+    labels, ac, score = _case(rng, [100, 100, 180, 100])  # excess 80, far above 3 sqrt(100) = 30
+    ss = np.where(labels == 2, np.arange(len(labels)), 0).astype(float)
+    flags, info = trigger_cluster_flags(labels, ac, score, (ss, ss))
+    n = estimated_poisons(80, 4)
+    assert flags.sum() == n and np.nonzero(flags)[0].tolist() == np.nonzero(labels == 2)[0][-n:].tolist()
+    assert info["2"]["by_excess"] is True
+    # the same excess is not significant when the threshold is raised above it
+    flags, info = trigger_cluster_flags(labels, ac, score, (ss, ss), min_excess_sigmas=10.0)
+    assert not flags.any() and "by_excess" not in info["2"]
+
+
+def test_systematic_label_issues_keep_pairs_and_near_certain_ones():
+    k = 3
+    labels = np.repeat([0, 1, 2], 10)
+    suggested = labels.copy()
+    issues = np.zeros(30, bool)
+    issues[[0, 1, 2, 3]] = True
+    suggested[[0, 1, 2, 3]] = 1  # 4 of class 0's 10 images suggested as 1: a systematic pair (40%)
+    issues[15] = True
+    suggested[15] = 2  # one scattered issue in class 1 ...
+    probs = np.full((30, k), 1 / k)
+    probs[15] = [0.0, 0.001, 0.999]  # ... that the model is all but certain about
+    issues[25] = True
+    suggested[25] = 0  # a scattered, unsure one
+    mis, share = systematic_label_issues(labels, probs, issues, suggested, min_pair_share=0.3,
+                                         certain_confidence=0.995)
+    assert np.nonzero(mis)[0].tolist() == [0, 1, 2, 3, 15]
+    assert share[0, 1] == pytest.approx(0.4)
+    assert systematic_pairs(share, 0.3) == {"0": {"1": 0.4}}
+    mis, _ = systematic_label_issues(labels, probs, issues, suggested, min_pair_share=0.5, certain_confidence=1.0)
+    assert not mis.any()
+
+
+def test_suspicion_score_ranks_flagged_above_unflagged():
+    flagged = np.array([True, False, False])
+    cl = np.array([0.0, 0.9, 0.2])
+    ac = np.array([0.1, -0.5, 1.7])  # activation-clustering scores are clipped to [0, 1]
+    s = suspicion_score(flagged, cl, ac)
+    assert s.tolist() == [0.55, 0.45, 0.5] and s[0] > s[1:].max()
