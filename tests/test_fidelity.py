@@ -133,3 +133,37 @@ def test_fine_pruning_defence_on_resnet18_keeps_pruned_channels_silent(digits):
     m = res.metrics
     assert m["layer_output"] == "body.10" and m["channels"] == 512
     assert m["pruned_channels"] > 0 and m["pruned_output_max_abs"] == 0.0
+
+
+# ------------------------------------------------------------------ activation clustering
+def test_exclusionary_reclassification_rule_on_a_synthetic_case():
+    from poisonlab.defenses.filters.activation_clustering import exclusionary_reclassification
+
+    # a poison cluster labelled 3: the model trained without it sends most members to their source class 5
+    poison = exclusionary_reclassification(np.array([5] * 30 + [3] * 8 + [1] * 2), label=3)
+    assert (poison.l, poison.p, poison.source_class, poison.n) == (8, 30, 5, 40)
+    assert poison.poisoned and poison.ratio == pytest.approx(8 / 30, abs=1e-4)
+    # a natural sub-mode of class 3: most members come back as 3
+    legit = exclusionary_reclassification(np.array([3] * 30 + [5] * 6 + [8] * 4), label=3)
+    assert not legit.poisoned and legit.ratio == pytest.approx(5.0) and legit.source_class == 5
+    # nothing points away from the label: legitimate, no ratio
+    all_back = exclusionary_reclassification(np.array([3] * 12), label=3)
+    assert not all_back.poisoned and all_back.ratio is None and all_back.source_class is None
+    # the threshold T decides the borderline: l / p = 1
+    tie = np.array([3] * 10 + [5] * 10)
+    assert not exclusionary_reclassification(tie, 3, threshold=1.0).poisoned
+    assert exclusionary_reclassification(tie, 3, threshold=1.5).poisoned
+
+
+def test_size_silhouette_verdict_names_the_deciding_rule():
+    from poisonlab.defenses.filters.activation_clustering import ClassSplit, size_silhouette_verdict
+
+    def split(share, sil):
+        return ClassSplit(0, np.arange(4), np.array([True, False, False, False]), share, sil)
+
+    assert size_silhouette_verdict(split(0.5, 0.9), 0.1, 10, 0.35, 0.25, True) == (False, "size")
+    assert size_silhouette_verdict(split(0.2, 0.1), 0.05, 10, 0.35, 0.25, True) == (False, "silhouette")
+    assert size_silhouette_verdict(split(0.2, 0.3), 0.4, 10, 0.35, 0.25, True) == (False, "relative_silhouette")
+    assert size_silhouette_verdict(split(0.2, 0.5), 0.3, 10, 0.35, 0.25, True) == (
+        True, "size+silhouette+relative_silhouette")
+    assert size_silhouette_verdict(split(0.2, 0.3), 0.4, 10, 0.35, 0.25, False) == (True, "size+silhouette")

@@ -71,6 +71,8 @@ def test_all_filters_registered():
     ("loss_outliers", {"drop_fraction": 1.5}, "drop_fraction"),
     ("activation_clustering", {"n_components": 0}, "n_components"),
     ("activation_clustering", {"size_threshold": 0.8}, "size_threshold"),
+    ("activation_clustering", {"rule": "vote"}, "rule"),
+    ("activation_clustering", {"reclassification_threshold": 0}, "reclassification_threshold"),
     ("kmeans_vote", {"n_clusters": 1}, "n_clusters"),
     ("spectral_signatures", {"expected_rate": 0}, "expected_rate"),
     ("spectral_signatures", {"expected_rate": 0.9}, "expected_rate"),
@@ -117,6 +119,35 @@ def test_backdoor_cluster_detectors_on_mnist_badnets(badnets_ctx):
         assert d["det_auroc"] >= auroc, (name, d)
     # the per-class PCA is computed once and shared through ctx.cache
     assert "class_pca_10" in ctx.cache
+
+
+def test_activation_clustering_exclusionary_reclassification_on_mnist_badnets(badnets_ctx):
+    """Chen et al.'s rule: a model trained without the candidate clusters sends the trigger cluster's
+    members back to the classes their images come from, a clean class's sub-mode back to its label."""
+    ctx = badnets_ctx
+    calls = []
+
+    def train_model(train, **kw):
+        calls.append(len(train))
+        return ctx.train_model(train, **kw)
+
+    rctx = DefenseContext(train=ctx.train, model=ctx.model, test=ctx.test, train_model=train_model,
+                          poisoning=ctx.poisoning, cache=ctx.cache)
+    out = get_defense("activation_clustering", rule="exclusionary").score(rctx)
+    info = out.info
+    assert info["rule"] == "exclusionary_reclassification" and len(calls) == 1
+    c0 = info["classes"]["0"]
+    assert c0["decided_by"] == "exclusionary_reclassification" and c0["suspicious"]
+    verdict = c0["reclassification"]
+    assert verdict["source_class"] != 0 and verdict["p"] > verdict["l"]
+    d = _det(ctx, out)
+    assert d["det_recall"] >= 0.8 and d["det_precision"] >= 0.8, d
+    # every candidate other than the target class went back to its label
+    for c, v in info["classes"].items():
+        if c != "0" and v["decided_by"] == "exclusionary_reclassification":
+            assert not v["suspicious"], (c, v)
+        if v["decided_by"] == "size":
+            assert v["small_share"] > 0.35 and not v["suspicious"]
 
 
 def test_filter_run_retrains_and_reports_detection(badnets_ctx):
