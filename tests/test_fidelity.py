@@ -167,3 +167,99 @@ def test_size_silhouette_verdict_names_the_deciding_rule():
     assert size_silhouette_verdict(split(0.2, 0.5), 0.3, 10, 0.35, 0.25, True) == (
         True, "size+silhouette+relative_silhouette")
     assert size_silhouette_verdict(split(0.2, 0.3), 0.4, 10, 0.35, 0.25, False) == (True, "size+silhouette")
+
+
+# ------------------------------------------------------------------ influence (Koh & Liang)
+def _fit_softmax_regression(x: torch.Tensor, y: torch.Tensor, lam: float, n: int, w0=None) -> nn.Linear:
+    """argmin (1/n) sum CE + lam/2 ||theta||^2 (weights and bias), float64, L-BFGS to a tight tolerance.
+
+    ``n`` is fixed by the caller: leaving a sample out keeps the 1/n, which is exactly Koh & Liang's
+    upweighting by -1/n.
+    """
+    lin = nn.Linear(x.shape[1], int(y.max()) + 1).double()
+    if w0 is not None:
+        lin.load_state_dict(w0)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(lin(x), y, reduction="sum") / n
+        loss = loss + lam / 2 * sum(p.pow(2).sum() for p in lin.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return lin
+
+
+def test_influence_equals_leave_one_out_retraining_on_a_convex_last_layer(digits):
+    """Koh & Liang's influence on a softmax regression over fixed features: -I_up,loss / n predicts the
+    change of the test loss when one training sample is left out and the layer retrained to optimum."""
+    from poisonlab.defenses.filters.influence import influence_scores
+
+    torch.manual_seed(0)
+    tr, te = digits
+    sub = tr.stratified_subset(300, seed=0)
+    x = torch.from_numpy(sub.images.reshape(len(sub), -1) / 255.0)
+    y = torch.from_numpy(sub.labels.astype(np.int64))
+    lam = 0.01
+    n = len(sub)
+    lin = _fit_softmax_regression(x, y, lam, n)
+    xt = torch.from_numpy(te.images.reshape(len(te), -1) / 255.0)
+    yt = torch.from_numpy(te.labels.astype(np.int64))
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(lin(xt), yt, reduction="none")
+    protect = torch.argsort(losses, descending=True)[:3]  # three test points the layer gets most wrong
+    scores = influence_scores(lin, x.numpy(), y.numpy(), xt[protect].numpy(), yt[protect].numpy(), damping=lam)
+    order = np.argsort(-scores)
+    check = np.concatenate([order[:5], order[-5:], np.random.default_rng(0).choice(order[5:-5], 5, replace=False)])
+
+    def test_loss(layer):
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(layer(xt[protect]), yt[protect], reduction="sum"))
+
+    base = test_loss(lin)
+    actual, predicted = [], []
+    for i in check:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[int(i)] = False
+        loo = _fit_softmax_regression(x[keep], y[keep], lam, n, w0=lin.state_dict())
+        actual.append(test_loss(loo) - base)
+        predicted.append(-scores[i] / n)
+    actual, predicted = np.array(actual), np.array(predicted)
+    from scipy.stats import spearmanr
+
+    assert np.corrcoef(actual, predicted)[0, 1] > 0.99, (actual, predicted)
+    assert spearmanr(actual, predicted).correlation > 0.95
+    assert np.argmin(actual) == np.argmin(predicted)  # the most harmful sample is the one removal helps most
+    assert (np.sign(actual[:5]) == -1).all() and (np.sign(actual[5:10]) == 1).all()
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return x / 9  # fastnet's head ends in a fixed scale like this
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_last_layer_hessian_equals_autograd_hessian(bias):
+    from poisonlab.defenses.filters.influence import last_layer_hessian
+
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3, bias=bias)
+    head = nn.Sequential(lin, _Scale())
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    x, y = torch.from_numpy(feats), torch.from_numpy(labels)
+    theta0 = torch.cat([lin.weight.detach().double(), lin.bias.detach().double()[:, None]], 1) if bias \
+        else lin.weight.detach().double()
+
+    def risk(theta):
+        w = theta[:, :5]
+        logits = x @ w.T + (theta[:, 5] if bias else 0)
+        return nn.functional.cross_entropy(logits / 9, y)
+
+    expected = torch.autograd.functional.hessian(risk, theta0).reshape(theta0.numel(), theta0.numel())
+    got = last_layer_hessian(head, feats, labels, batch_size=16)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
