@@ -263,3 +263,84 @@ def test_last_layer_hessian_equals_autograd_hessian(bias):
     expected = torch.autograd.functional.hessian(risk, theta0).reshape(theta0.numel(), theta0.numel())
     got = last_layer_hessian(head, feats, labels, batch_size=16)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ label-consistent (Turner et al.)
+def test_turner_trigger_is_the_released_pattern():
+    from poisonlab.attacks.label_consistent import CornerPatternTrigger
+
+    # the released code's "all-corners" trigger: ((row, col), +1 white / -1 black)
+    released = [((0, 0), 1), ((0, 1), -1), ((0, 2), -1), ((1, 0), -1), ((1, 1), 1), ((1, 2), -1), ((2, 0), 1),
+                ((2, 1), -1), ((2, 2), 1), ((-1, 0), 1), ((-1, 1), -1), ((-1, 2), 1), ((-2, 0), -1), ((-2, 1), 1),
+                ((-2, 2), -1), ((-3, 0), 1), ((-3, 1), -1), ((-3, 2), -1), ((0, -1), 1), ((0, -2), -1),
+                ((0, -3), -1), ((1, -1), -1), ((1, -2), 1), ((1, -3), -1), ((2, -1), 1), ((2, -2), -1),
+                ((2, -3), 1), ((-1, -1), 1), ((-1, -2), -1), ((-1, -3), 1), ((-2, -1), -1), ((-2, -2), 1),
+                ((-2, -3), -1), ((-3, -1), 1), ((-3, -2), -1), ((-3, -3), -1)]
+    expected = np.zeros((32, 32))
+    for (r, c), v in released:
+        expected[r, c] = v
+    signs = CornerPatternTrigger(3, 1.0, "all", "turner").signs((32, 32, 3))[..., 0]
+    assert np.array_equal(signs, expected)
+    assert np.array_equal(signs, signs[:, ::-1])  # survives a horizontal flip
+    bottom_right = CornerPatternTrigger(3, 1.0, "bottom-right", "turner").signs((32, 32, 3))[..., 0]
+    assert np.array_equal(bottom_right[-3:, -3:], expected[-3:, -3:]) and (bottom_right != 0).sum() == 9
+    # reduced amplitude adds +-amplitude*255 and clips, as the released code does
+    x = np.full((1, 32, 32, 3), 250, np.uint8)
+    y = CornerPatternTrigger(3, 32 / 255, "all", "turner").apply(x).astype(int)
+    assert set(np.unique(y[0, -3:, -3:])) == {218, 255} and (y[0, 5:-5, 5:-5] == 250).all()
+
+
+def test_pgd_batch_transform_inside_fit(digits):
+    """fit() hands every augmented batch to batch_transform; the PGD transform returns examples within eps
+    that the current model gets more wrong, and leaves every module's train/eval mode as it found it."""
+    from poisonlab.attacks.label_consistent import pgd_batch_transform
+    from poisonlab.training import TrainConfig, fit
+
+    tr, _ = digits
+    torch.manual_seed(0)
+    model = build_model("fastnet", 1, 10, 8, widths=(16, 32, 64))
+    fit(model, tr, TrainConfig(epochs=2, batch_size=64, lr=0.1), seed=0)
+    eps = 16 / 255
+    pgd = pgd_batch_transform(eps, 3, eps / 2, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def spy(m, x, y):
+        modes = [mod.training for mod in m.modules()]
+        adv = pgd(m, x, y)
+        assert [mod.training for mod in m.modules()] == modes and m.training and not m.body.training
+        with torch.no_grad():
+            ce = nn.functional.cross_entropy
+            m.eval()
+            seen.append(((adv - x).abs().max().item(), ce(m(adv), y).item() - ce(m(x), y).item()))
+            for mod, mode in zip(m.modules(), modes):
+                mod.training = mode
+        return adv
+
+    fit(model, tr, TrainConfig(epochs=1, batch_size=256, lr=0.01), seed=0, freeze_body=True, batch_transform=spy)
+    assert len(seen) == -(-len(tr) // 256)  # once per batch
+    assert max(d for d, _ in seen) <= eps + 1e-6 and all(gain > 0 for _, gain in seen)
+
+
+def test_label_consistent_adversarial_surrogate_is_recorded_and_repeatable(digits):
+    from poisonlab.attacks import AttackContext, get_attack
+    from poisonlab.training import TrainConfig, fit
+
+    tr, te = digits
+    torch.manual_seed(0)
+    clean = build_model("fastnet", 1, 10, 8, widths=(16, 32, 64))
+    fit(clean, tr, TrainConfig(epochs=2, batch_size=64, lr=0.1), seed=0)
+    a = get_attack("label_consistent", rate=0.3, target=3, eps=16 / 255, steps=3, step_size=8 / 255, trigger_size=2,
+                   pattern="checkerboard", surrogate_epochs=1, surrogate_eps=16 / 255, surrogate_steps=2,
+                   surrogate_step_size=8 / 255, surrogate_lr=0.05)
+    state = {k: v.clone() for k, v in clean.state_dict().items()}
+    ctx = AttackContext(test=te, clean_model=clean)
+    p, r = a.poison(tr, seed=0, context=ctx)
+    assert all(torch.equal(v, clean.state_dict()[k]) for k, v in state.items())  # the clean model is a template
+    info = r.extra["surrogate"]
+    assert info["init"] == "scratch" and info["epochs"] == 1 and info["steps"] == 2 and info["seconds"] > 0
+    assert np.array_equal(p.labels, tr.labels)
+    p2, _ = a.poison(tr, seed=0, context=ctx)
+    assert np.array_equal(p.images, p2.images)  # the adversarial training is seeded too
+    r3 = get_attack("label_consistent", rate=0.3, target=3, trigger_size=2, pattern="checkerboard",
+                    surrogate="clean", steps=3, eps=16 / 255).poison(tr, seed=0, context=ctx)[1]
+    assert "not adversarially trained" in r3.extra["surrogate"]["init"]

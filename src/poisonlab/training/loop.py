@@ -123,6 +123,7 @@ def fit(
     freeze_body: bool = False,
     epoch_callback: Callable[[dict, nn.Module], None] | None = None,
     batch_weight_fn: BatchWeightFn | None = None,
+    batch_transform: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``train``.
 
@@ -140,6 +141,8 @@ def fit(
         batch_weight_fn: ``fn(model, x, y) -> (B,)`` weights computed per batch during
             training (e.g. learning-to-reweight); multiplied with ``sample_weight``.
             Defaults to the one installed by :func:`batch_weighting`, if any.
+        batch_transform: ``fn(model, x, y) -> x`` replaces every augmented training batch before the
+            forward pass (adversarial training: PGD examples); the model must be in train mode again on return.
         epoch_callback: called as ``epoch_callback(record, model)`` after each epoch
             (benchmarks use it to evaluate on the way).
 
@@ -195,6 +198,8 @@ def fit(
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y_all[idx]
+            if batch_transform is not None:
+                x = batch_transform(model, x, y)
             if plateau is None:
                 f = _lr_factor(cfg, step, total_steps)
                 for g, lr0 in zip(opt.param_groups, base_lrs):
