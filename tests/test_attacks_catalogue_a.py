@@ -63,6 +63,8 @@ def test_registered_and_listed():
     ("nn_flip", {"k": 0}, "k must be in"),
     ("nn_flip", {"adversarial_class": -1}, "adversarial_class must be a class index"),
     ("nn_flip", {"target_class": 5, "adversarial_class": 5}, "must differ"),
+    ("nn_flip", {"feature_space": "logits"}, "feature_space must be one of"),
+    ("nn_flip", {"metric": "manhattan"}, "metric must be one of"),
     ("sinusoidal", {"intensity": 1.5}, "intensity must be in"),
     ("sinusoidal", {"freq_x": 0}, "freq_x must be in"),
     ("sinusoidal", {"rate": 2}, "rate must be in"),

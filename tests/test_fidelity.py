@@ -344,3 +344,50 @@ def test_label_consistent_adversarial_surrogate_is_recorded_and_repeatable(digit
     r3 = get_attack("label_consistent", rate=0.3, target=3, trigger_size=2, pattern="checkerboard",
                     surrogate="clean", steps=3, eps=16 / 255).poison(tr, seed=0, context=ctx)[1]
     assert "not adversarially trained" in r3.extra["surrogate"]["init"]
+
+
+# ------------------------------------------------------------------ targeted attacks
+def test_gradient_matching_defaults_are_the_papers_and_the_best_restart_is_kept(digits):
+    from poisonlab.attacks import AttackContext, get_attack
+    from poisonlab.training import TrainConfig, fit
+
+    p = get_attack("gradient_matching").params()
+    assert (p["budget"], p["epsilon"], p["steps"], p["restarts"], p["tau"], p["batch_size"]) == (
+        0.01, 16 / 255, 240, 8, 0.1, 512)
+    tr, te = digits
+    torch.manual_seed(0)
+    model = build_model("fastnet", 1, 10, 8, widths=(16, 32, 64))
+    fit(model, tr, TrainConfig(epochs=2, batch_size=64, lr=0.1), seed=0)
+    a = get_attack("gradient_matching", budget=0.02, target_class=8, adversarial_class=4, steps=4, restarts=3,
+                   batch_size=10, bf16=False)
+    poisoned, r = a.poison(tr, seed=0, context=AttackContext(test=te, clean_model=model))
+    runs = r.extra["restart_alignments"]
+    assert len(runs) == 3 and r.extra["restart_chosen"] == int(np.argmax(runs))
+    assert r.extra["alignment_last"] == max(runs) and r.extra["shift"] == 1 and r.extra["bf16"] is False
+    diff = np.abs(poisoned.images.astype(int) - tr.images.astype(int))
+    assert diff.max() <= 16 and (tr.labels[r.indices] == 4).all()
+
+
+def test_nn_flip_feature_spaces_and_metrics(digits):
+    from poisonlab.attacks import AttackContext, get_attack
+    from poisonlab.attacks.targeted_flip import neighbour_distances
+    from poisonlab.training import TrainConfig, fit
+
+    f = np.array([[1.0, 0.0], [2.0, 0.1], [0.0, 3.0]])
+    np.testing.assert_allclose(neighbour_distances(f, np.array([4.0, 0.0])), [3.0, np.sqrt(4.01), 5.0])
+    cos = neighbour_distances(f, np.array([4.0, 0.0]), "cosine")
+    assert cos[0] == pytest.approx(0.0) and cos[2] == pytest.approx(1.0)  # direction only, not the norm
+    tr, te = digits
+    torch.manual_seed(0)
+    model = build_model("fastnet", 1, 10, 8, widths=(16, 32, 64))
+    fit(model, tr, TrainConfig(epochs=2, batch_size=64, lr=0.1), seed=0)
+    ctx = AttackContext(test=te, clean_model=model)
+    _, rp = get_attack("nn_flip", k=30, feature_space="pixels").poison(tr, seed=0, context=ctx)
+    t = int(rp.target_indices[0])
+    d = np.sqrt(((tr.images.reshape(len(tr), -1).astype(float) - te.images[t].reshape(-1)) ** 2).sum(1))
+    d[tr.labels == 5] = np.inf
+    assert np.array_equal(rp.indices, np.sort(np.argsort(d, kind="stable")[:30]))
+    assert rp.extra["feature_space"] == "pixels"
+    _, rc = get_attack("nn_flip", k=30, metric="cosine").poison(tr, seed=0, context=ctx)
+    _, re = get_attack("nn_flip", k=30).poison(tr, seed=0, context=ctx)
+    assert rc.target_indices[0] == re.target_indices[0] == t and not np.array_equal(rc.indices, rp.indices)
