@@ -60,9 +60,8 @@ class GradientMatching(Attack):
 
     Budgets: the paper's defaults are those here -- budget 1%, epsilon 16/255, 8 restarts of 240
     steps (the released code's default is 250), tau 0.1, poison batches of 512 -- and are expensive
-    on a CPU (each step is a forward pass and a double backward pass over all poisons; 500 CIFAR-10
-    poisons take seconds per step on a 2-core CPU, so the paper's 1,920 steps take hours); lower
-    ``steps``/``restarts`` there and say so. Differences from the paper: the translation is by whole
+    on a CPU (each of the 1,920 steps is a forward pass and a double backward pass over all
+    poisons); lower ``steps``/``restarts`` there and say so. Differences from the paper: the translation is by whole
     pixels with reflect padding (the same random crop our training loop applies to the victim)
     where the paper shifts by sub-pixel amounts with bilinear sampling and zero padding; the
     crafting runs under bfloat16 autocast where :func:`poisonlab.utils.fast_bf16` says the device
