@@ -136,6 +136,15 @@ def _clean(args, bench: Bench, train, test, seed: int):
     return model
 
 
+def _seeded(args, bench: Bench, train, test):
+    """``(seed, clean model, attack context)`` for each of the ``--seeds`` seeds."""
+    from poisonlab.attacks import AttackContext
+
+    for seed in range(args.seed, args.seed + args.seeds):
+        clean = _clean(args, bench, train, test, seed)
+        yield seed, clean, AttackContext(test=test, clean_model=clean)
+
+
 def _target_probs(model, test, idx) -> np.ndarray:
     from poisonlab.training import predict_proba
 
@@ -157,12 +166,10 @@ def _summary(bench: Bench, part: str, rows: list[dict], field: str, by: Callable
 # ------------------------------------------------------------------------------------------ the parts
 def gradient_matching(args, bench: Bench) -> None:
     from poisonlab import get_attack
-    from poisonlab.attacks import AttackContext
     from poisonlab.metrics import evaluate
 
     train, test = _data(args)
-    clean = _clean(args, bench, train, test, args.seed)
-    ctx = AttackContext(test=test, clean_model=clean)
+    _, clean, ctx = next(_seeded(args, bench, train, test))  # one clean model: --seed
     rows = []
     for pair in range(args.pairs):
         key = f"{_recipe_id(args)}/gm/{pair}/b{args.budget}/e{args.eps}/s{args.steps}x{args.restarts}"
@@ -187,15 +194,12 @@ def gradient_matching(args, bench: Bench) -> None:
 
 def nn_flip(args, bench: Bench) -> None:
     from poisonlab import get_attack
-    from poisonlab.attacks import AttackContext
     from poisonlab.metrics import evaluate
     from poisonlab.training import predict_proba
 
     train, test = _data(args)
     rows = []
-    for seed in range(args.seed, args.seed + args.seeds):
-        clean = _clean(args, bench, train, test, seed)
-        ctx = AttackContext(test=test, clean_model=clean)
+    for seed, clean, ctx in _seeded(args, bench, train, test):
         pool = np.nonzero(test.labels == args.target_class)[0]
         pool = pool[predict_proba(clean, test.images[pool]).argmax(1) == args.target_class]
         if len(pool) < args.targets:
@@ -256,12 +260,10 @@ def feature_collision(args, bench: Bench) -> None:
     import copy
 
     from poisonlab import fit, get_attack
-    from poisonlab.attacks import AttackContext
     from poisonlab.training import extract_features
 
     train, test = _data(args)
-    clean = _clean(args, bench, train, test, args.seed)
-    ctx = AttackContext(test=test, clean_model=clean)
+    _, clean, ctx = next(_seeded(args, bench, train, test))  # one clean model: --seed
     rows = []
     for i in range(args.targets):
         key = f"{_recipe_id(args)}/fc/{i}/n{args.n_poisons}/o{args.opacity}/s{args.fc_steps}"
@@ -301,14 +303,11 @@ def feature_collision(args, bench: Bench) -> None:
 
 def label_consistent(args, bench: Bench) -> None:
     from poisonlab import get_attack
-    from poisonlab.attacks import AttackContext
     from poisonlab.metrics import evaluate
 
     train, test = _data(args)
     rows = []
-    for seed in range(args.seed, args.seed + args.seeds):
-        clean = _clean(args, bench, train, test, seed)
-        ctx = AttackContext(test=test, clean_model=clean)
+    for seed, _, ctx in _seeded(args, bench, train, test):
         for surrogate in args.surrogates:
             for rate in args.rates:
                 for amp in args.amplitudes:

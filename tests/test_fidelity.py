@@ -8,26 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from poisonlab.defenses.fine_pruning import ChannelMask, layer_outputs, prune_point
+from poisonlab.defenses.fine_pruning import ChannelMask, PrunePoint, layer_outputs, prune_point
 from poisonlab.models import MODELS, Classifier, build_model
 
 
 # ------------------------------------------------------------------ fine-pruning
 def _masked(model: nn.Module, module: nn.Module, channels: torch.Tensor, x: torch.Tensor, read: nn.Module):
-    """Output of ``read`` (its last call) with ``channels`` of ``module``'s output masked."""
+    """Output of ``read`` (called once per pass) with ``channels`` of ``module``'s output masked."""
     mask = ChannelMask(channels.numel())
     mask.mask.copy_(channels)
     h = module.register_forward_hook(mask)
-    seen = []
-    h2 = read.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     try:
-        with torch.no_grad():
-            model.eval()
-            model(x)
+        return layer_outputs(model, PrunePoint(module, "", read, 0, channels.numel()), x)
     finally:
         h.remove()
-        h2.remove()
-    return seen[-1]
 
 
 def _warm_batch_norm(model: nn.Module, x: torch.Tensor) -> None:
