@@ -29,7 +29,7 @@ from poisonlab.models import build_model
 from poisonlab.training import TrainConfig, extract_features, fit, predict_proba
 
 FILTERS = ["loss_outliers", "activation_clustering", "kmeans_vote", "spectral_signatures", "pca_outliers",
-           "kmeans_outliers", "pca_kmeans", "influence", "confident_learning", "isolation_forest",
+           "kmeans_outliers", "pca_kmeans", "influence", "gradient_similarity", "confident_learning", "isolation_forest",
            "activation_clustering+whiten"]
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     ctx.cache["features"] = feats
     ctx.cache["pred_probs"] = probs
     ctx.cache["cv_pred_probs_5"] = probs
-    params = {"influence": {"target_index": 0, "adversarial_class": 5},
+    params = {"influence": {"test_indices": 0}, "gradient_similarity": {"target_index": 0, "adversarial_class": 5},
               "activation_clustering+whiten": {"whiten": True}}
     times = {}
     total = 0.0

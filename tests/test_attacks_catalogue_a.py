@@ -63,6 +63,8 @@ def test_registered_and_listed():
     ("nn_flip", {"k": 0}, "k must be in"),
     ("nn_flip", {"adversarial_class": -1}, "adversarial_class must be a class index"),
     ("nn_flip", {"target_class": 5, "adversarial_class": 5}, "must differ"),
+    ("nn_flip", {"feature_space": "logits"}, "feature_space must be one of"),
+    ("nn_flip", {"metric": "manhattan"}, "metric must be one of"),
     ("sinusoidal", {"intensity": 1.5}, "intensity must be in"),
     ("sinusoidal", {"freq_x": 0}, "freq_x must be in"),
     ("sinusoidal", {"rate": 2}, "rate must be in"),
@@ -74,6 +76,10 @@ def test_registered_and_listed():
     ("label_consistent", {"eps": -0.01}, "eps must be in"),
     ("label_consistent", {"amplitude": 0}, "amplitude must be in"),
     ("label_consistent", {"corners": "middle"}, "corners must be one of"),
+    ("label_consistent", {"pattern": "stripes"}, "pattern must be one of"),
+    ("label_consistent", {"trigger_size": 2}, "trigger_size must be 3"),
+    ("label_consistent", {"surrogate": "robust"}, "surrogate must be one of"),
+    ("label_consistent", {"surrogate_epochs": 0}, "surrogate_epochs must be in"),
 ])
 def test_bad_parameters_fail_at_construction(name, params, match):
     with pytest.raises(ParameterError, match=match):
@@ -94,7 +100,7 @@ class _Boom(torch.nn.Module):
     ("sinusoidal", {"freq_x": 4}, "does not fit in 8-pixel"),  # Nyquist: the sinusoid would vanish
     ("sig", {}, "frequency=6.0 cycles along x"),  # the paper's 6 cycles need >= 13 pixels
     ("blended", {"pattern": "checkerboard", "cell": 5}, "too large for 8x8"),
-    ("label_consistent", {"trigger_size": 5}, "does not fit in 8x8"),
+    ("label_consistent", {"trigger_size": 5, "pattern": "checkerboard"}, "does not fit in 8x8"),
     ("sinusoidal", {"rate": 0.0001}, "fewer than one poisoned sample"),
     ("sig", {"rate": 0.001, "frequency": 2}, "fewer than one poisoned sample"),  # rate of one class
     ("targeted_flip", {"pairs": [[3, 12]]}, "class 12 is not a class"),
@@ -289,7 +295,7 @@ def test_label_consistent_pgd_and_trigger(digits, clean_digits_model):
     tr, te = digits
     eps = 32 / 255  # 8x8 digits resist 8/255: the surrogate is only fooled at larger budgets
     a = get_attack("label_consistent", rate=0.5, target=3, eps=eps, steps=5, step_size=8 / 255, trigger_size=2,
-                   amplitude=0.5)
+                   amplitude=0.5, pattern="checkerboard", surrogate="clean")
     ctx = _ctx(digits, clean_digits_model)
     p, r = a.poison(tr, seed=0, context=ctx)
     p2, _ = a.poison(tr, seed=0, context=ctx)
@@ -346,7 +352,7 @@ def test_label_consistent_backdoor_learnt_on_digits(digits, clean_digits_model):
 
     tr, te = digits
     a = get_attack("label_consistent", rate=1.0, target=3, eps=32 / 255, steps=5, step_size=8 / 255,
-                   trigger_size=2)
+                   trigger_size=2, pattern="checkerboard", surrogate="clean")
     p, r = a.poison(tr, seed=0, context=_ctx(digits, clean_digits_model))
     assert np.array_equal(p.labels, tr.labels)
     m = evaluate(_train(p), te, r)

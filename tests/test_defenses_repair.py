@@ -11,7 +11,7 @@ from helpers import WIDTHS, train_small
 
 from poisonlab.attacks import get_attack
 from poisonlab.defenses import DefenseContext, get_defense
-from poisonlab.defenses.fine_pruning import prune_point
+from poisonlab.defenses.fine_pruning import layer_outputs, prune_point
 from poisonlab.defenses.neural_cleanse import mad_anomaly_index
 from poisonlab.defenses.strip import strip_entropy
 from poisonlab.errors import ParameterError
@@ -63,13 +63,12 @@ def test_fine_pruning_prunes_within_margin_and_masks_stay(digits, poisoned):
     assert 0 < m["pruned_channels"] < m["channels"] == WIDTHS[-1]
     assert m["clean_set_acc_pruned"] >= m["clean_set_acc_before"] - 0.1
     assert after["clean_acc"] > before["clean_acc"] - 0.1
-    point = prune_point(res.model)
-    out = []
-    h = point.register_forward_hook(lambda mod, i, o: out.append(o))
-    res.model(digits[1].float_tensor()[:50])
-    h.remove()
-    dead = (out[-1].abs().amax((0, 2, 3)) == 0).sum().item()
+    x = digits[1].float_tensor()[:50]
+    point = prune_point(res.model, x)
+    out = layer_outputs(res.model, point, x)
+    dead = (out.abs().amax((0, 2, 3)) == 0).sum().item()
     assert dead >= m["pruned_channels"]  # pruned channels are still silent after fine-tuning
+    assert m["pruned_output_max_abs"] == 0.0
 
 
 def test_neural_cleanse_flags_the_target_and_unlearns(digits, poisoned):

@@ -49,6 +49,26 @@ def test_device_auto():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+def test_device_in_configs_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from poisonlab.cli import app
+    from poisonlab.errors import ConfigError
+    from poisonlab.experiments.config import ExperimentConfig, parse_config, with_device
+
+    assert ExperimentConfig().device == "auto"
+    assert with_device(ExperimentConfig(), "cpu").device == "cpu"
+    with pytest.raises(ConfigError, match="device"):
+        parse_config({"device": "tpu"}, "grid.toml")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA device"):
+            with_device(ExperimentConfig(), "cuda")
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text('name = "x"\n')
+    res = CliRunner().invoke(app, ["run", str(cfg), "--device", "gpu0", "--out", str(tmp_path / "o"), "--dry-run"])
+    assert res.exit_code != 0 and "--device" in res.output and "Traceback" not in res.output
+
+
 def test_preset_fills_only_unset_fields():
     cfg = TrainConfig(preset="airbench94", epochs=3)
     assert cfg.epochs == 3 and cfg.optimizer == "muon" and cfg.batch_size == PRESETS["airbench94"]["batch_size"]

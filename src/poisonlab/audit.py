@@ -74,7 +74,7 @@ class AuditConfig:
             their target class; natural sub-modes of a class do not. Turn off for folders whose
             classes are very unbalanced by nature, or to look for clean-label backdoors.
         bf16: train the fold models under bfloat16 autocast. ``None`` (default): where the CPU has
-            bf16 units (:func:`poisonlab.utils.fast_bf16`) and the images are at least 16 pixels
+            bf16 units (:func:`poisonlab.training.use_bf16`) and the images are at least 16 pixels
             wide; on this project's CPU that trains CIFAR-sized folds 2.4-2.8x faster, while on
             8x8 images bf16 is slower.
         seed: seeds folds, training and clustering.

@@ -217,18 +217,35 @@ class TargetedLabelFlip(Attack):
         return train.with_data(labels=labels), self._record(idx, train.labels[idx], extra=extra)
 
 
+def neighbour_distances(features: np.ndarray, target: np.ndarray, metric: str = "euclidean") -> np.ndarray:
+    """Distance of every row of ``features`` ``(N, D)`` to ``target`` ``(D,)``: Euclidean, or 1 - cosine similarity."""
+    f = np.asarray(features, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    if metric == "cosine":
+        norms = np.linalg.norm(f, axis=1) * np.linalg.norm(t)
+        return 1 - (f @ t) / np.maximum(norms, 1e-12)
+    return np.sqrt(((f - t) ** 2).sum(1))
+
+
 @ATTACKS.register("nn_flip")
 class NearestNeighbourFlip(Attack):
     """Nearest-neighbour targeted label flipping.
 
     Picks one target test image, finds the ``k`` training samples closest to it
-    (Euclidean distance) in the penultimate feature space of the clean
-    surrogate ``context.clean_model`` and relabels them ``adversarial_class``,
-    so that a model trained on the poisoned set misclassifies the target. The
-    ResNet-18 study relabelled the 250 training images nearest to a deer as
-    "dog", after which the deer was classified dog with probability 0.92.
-    Samples already labelled ``adversarial_class`` are skipped (relabelling
-    them would change nothing), so exactly ``k`` labels change.
+    in a feature space (``feature_space``, ``metric``) and relabels them
+    ``adversarial_class``, so that a model trained on the poisoned set
+    misclassifies the target. The ResNet-18 study relabelled the 250 training
+    images nearest to a deer (penultimate features of a clean model, Euclidean
+    distance: the defaults) as "dog", after which the deer was classified dog
+    with probability 0.92. Samples already labelled ``adversarial_class`` are
+    skipped (relabelling them would change nothing), so exactly ``k`` labels change.
+
+    Feature spaces: ``"penultimate"`` (the clean surrogate ``context.clean_model``'s
+    penultimate layer, as the study), ``"pixels"`` (the raw images, no model: the
+    neighbours a victim with a different feature extractor shares). Metrics:
+    ``"euclidean"`` or ``"cosine"`` (1 - cosine similarity; ignores the feature norm,
+    which in a ReLU network grows with the image's contrast).
+    ``benchmarks/targeted_attacks.py nn_flip`` sweeps ``k`` and both settings.
 
     The record's ``target_indices=[t]`` and ``adversarial_labels=[adversarial_class]``
     make the evaluation report ``target_success`` and the target's class
@@ -243,13 +260,15 @@ class NearestNeighbourFlip(Attack):
             classifies correctly.
         target_class: true class of the automatically chosen target (4 = deer on CIFAR-10).
         adversarial_class: the class the target should be given (5 = dog on CIFAR-10).
+        feature_space: ``"penultimate"`` or ``"pixels"``.
+        metric: ``"euclidean"`` or ``"cosine"``.
     """
 
     family = "targeted"
-    needs_clean_model = True
+    needs_clean_model = True  # it picks a target the clean model gets right, whatever the feature space
 
     def __init__(self, k: int = 250, target_index: int | None = None, target_class: int = 4,
-                 adversarial_class: int = 5):
+                 adversarial_class: int = 5, feature_space: str = "penultimate", metric: str = "euclidean"):
         self.k = int(check_range(k, "k", 1, 10 ** 9))
         if target_index is not None:
             target_index = _check_class(target_index, "target_index")
@@ -258,6 +277,8 @@ class NearestNeighbourFlip(Attack):
         self.adversarial_class = _check_class(adversarial_class, "adversarial_class")
         if self.target_class == self.adversarial_class and target_index is None:
             raise ParameterError("adversarial_class must differ from target_class")
+        self.feature_space = check_choice(feature_space, "feature_space", ("penultimate", "pixels"))
+        self.metric = check_choice(metric, "metric", ("euclidean", "cosine"))
 
     def check(self, train: ImageSet) -> None:
         n = train.num_classes
@@ -295,9 +316,13 @@ class NearestNeighbourFlip(Attack):
             raise ParameterError(f"{self.registry_name} picks its target from the test set: give context.test")
         model = context.clean_model
         t, probs_before = self._pick_target(context.test, model)
-        f_train = extract_features(model, train)
-        f_target = extract_features(model, context.test.images[t:t + 1])
-        dist = ((f_train - f_target) ** 2).sum(1)
+        if self.feature_space == "penultimate":
+            f_train = extract_features(model, train)
+            f_target = extract_features(model, context.test.images[t:t + 1])
+        else:
+            f_train = train.images.reshape(len(train), -1).astype(np.float32) / 255
+            f_target = context.test.images[t:t + 1].reshape(1, -1).astype(np.float32) / 255
+        dist = neighbour_distances(f_train, f_target[0], self.metric)
         dist[train.labels == self.adversarial_class] = np.inf
         # stable sort: ties resolved by index, so the choice does not depend on the seed
         idx = np.sort(np.argsort(dist, kind="stable")[:self.k])
@@ -305,7 +330,8 @@ class NearestNeighbourFlip(Attack):
         labels[idx] = self.adversarial_class
         extra = {"target_index": t, "target_true_class": int(context.test.labels[t]),
                  "target_probs_before": np.asarray(probs_before, dtype=float).round(6).tolist(),
-                 "max_neighbour_distance": float(np.sqrt(dist[idx].max()))}
+                 "max_neighbour_distance": float(dist[idx].max()), "feature_space": self.feature_space,
+                 "metric": self.metric}
         return train.with_data(labels=labels), self._record(
             idx, train.labels[idx], target_indices=np.array([t]),
             adversarial_labels=np.array([self.adversarial_class]), extra=extra)

@@ -20,8 +20,8 @@ import typer
 
 from poisonlab.commands._common import console
 
-CATALOGUE_VERSION = 1
-SECTIONS = ("datasets", "models", "attacks", "defenses")
+CATALOGUE_VERSION = 2
+SECTIONS = ("datasets", "models", "presets", "attacks", "defenses")
 
 
 def register(app: typer.Typer) -> None:
@@ -105,13 +105,17 @@ def build_catalogue() -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a plug-in model that does not take poisonlab's shape arguments
             n = "-"
         models.append([name, n, MODEL_NOTES.get(name, _summary(MODELS.get(name)))])
+    from poisonlab.training.loop import PRESET_SUMMARIES, PRESETS
+
+    presets = [[name, f"{p['epochs']} epochs, batch {p['batch_size']}, {p['optimizer']} lr {p['lr']}",
+                PRESET_SUMMARIES.get(name, "")] for name, p in PRESETS.items()]
     methods = {}
     for section, reg in (("attacks", ATTACKS), ("defenses", DEFENSES)):
         methods[section] = [[name, str(getattr(reg.get(name), "family", None) or getattr(reg.get(name), "kind", "")),
                              ", ".join(f"{k}={v!r}" for k, v in reg.defaults(name).items()), _summary(reg.get(name))]
                             for name in reg.names()]
     errors = [msg for reg in (ATTACKS, DEFENSES, MODELS) for msg in reg.plugin_errors.values()]
-    return {"version": CATALOGUE_VERSION, "datasets": datasets, "models": models, **methods,
+    return {"version": CATALOGUE_VERSION, "datasets": datasets, "models": models, "presets": presets, **methods,
             "plugin_errors": errors}
 
 
@@ -126,6 +130,7 @@ def print_catalogue(cat: dict[str, Any]) -> None:
     heads = {"datasets": ("datasets", ("name", "description")),
              "models": ("models (parameters on 32x32x3, 10 classes; mnist_cnn on 28x28x1)",
                         ("name", "parameters", "description")),
+             "presets": ("training presets ([training] preset = NAME)", ("name", "recipe", "description")),
              "attacks": ("attacks", ("name", "kind", "parameters (defaults)", "summary")),
              "defenses": ("defenses", ("name", "kind", "parameters (defaults)", "summary"))}
     for section in SECTIONS:

@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         cpus_per_run: float = typer.Option(1.0, "--cpus-per-run", help="CPUs each Ray task asks for"),
         gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help="GPUs each Ray task asks for"),
         mlflow: Optional[str] = typer.Option(None, "--mlflow", help="log every run to this MLflow tracking URI"),
+        device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else the CPU), cpu, "
+                                             "cuda or cuda:N; overrides the config's device"),
     ) -> None:
         """Run an experiment grid: clean baselines, one model per attack, each defence; write results to OUT.
 
@@ -37,9 +39,12 @@ def register(app: typer.Typer) -> None:
         """
         from poisonlab.errors import PoisonlabError
         from poisonlab.experiments import load_config, run_experiment
+        from poisonlab.experiments.config import with_device
 
         try:
             cfg = load_config(config)
+            if device is not None:
+                cfg = with_device(cfg, device)
             rows = run_experiment(cfg, out, str(data_dir) if data_dir else None, progress=not quiet, log=log,
                                   cache_dir=cache, executor=executor, address=address, num_cpus=num_cpus,
                                   cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, dry_run=dry_run,

@@ -39,8 +39,9 @@ class DefenseContext:
         test: the test set (for evaluation inside detection defences only).
         clean_set: a small trusted clean set (``clean_fraction`` of the
             training data, disjoint from the poisoned indices).
-        train_model: ``train_model(imageset, sample_weight=None, **recipe_overrides) -> model``,
-            the run's own training loop, for retraining.
+        train_model: ``train_model(imageset, sample_weight=None, batch_weight_fn=None, **recipe_overrides)
+            -> model``, the run's own training loop (:func:`poisonlab.training.fit`), for retraining;
+            ``batch_weight_fn(model, x, y) -> (B,)`` reweights each batch as it is drawn (learning to reweight).
         poisoning: the attack's record. Ground truth: used for metrics only,
             a defence must not read it to make decisions.
         seed: the run's seed.

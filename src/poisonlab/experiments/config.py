@@ -155,6 +155,24 @@ class ExperimentConfig(BaseModel):
     baseline: bool = Field(True, description="also train on the clean set")
     clean_fraction: float = Field(0.05, gt=0, lt=0.5, description="trusted clean set for repair defences")
     plots: bool = True
+    device: str = Field("auto", description="where models train: auto (CUDA when present, else the CPU), cpu, "
+                                            "cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?", v):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v[:40]!r}")
+        if v.startswith("cuda"):
+            import torch
+
+            n = torch.cuda.device_count()
+            index = int(v.split(":")[1]) if ":" in v else 0
+            if index >= n:
+                raise ValueError(f"{v!r} asked for, but this machine has {n} CUDA device(s); use auto or cpu")
+        return v
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -408,3 +426,11 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:
     """Read and validate a TOML or YAML experiment config; errors name the file and the field."""
     return parse_config(read_config_file(path), str(path))
+
+
+def with_device(cfg: ExperimentConfig, device: str) -> ExperimentConfig:
+    """``cfg`` with its ``device`` replaced (the CLI's ``--device``); a bad value is a ConfigError naming it."""
+    try:
+        return ExperimentConfig.model_validate(cfg.model_dump() | {"device": device})
+    except ValidationError as e:
+        raise ConfigError(format_validation_error("--device", e)) from None

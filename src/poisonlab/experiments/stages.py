@@ -127,7 +127,8 @@ class Workspace:
 
         m = cell.model
         model = build_model_for(m.name, self.data(cell).train, feature_layer=m.feature_layer, **m.params)
-        return model.to(resolve_device("auto"))  # a GPU when the worker has one (Ray: --gpus-per-run)
+        # "auto": a GPU when the worker has one (Ray: --gpus-per-run)
+        return model.to(resolve_device(self.cfg.device))
 
     def trainer(self, cell: Cell, frozen: bool = False) -> Callable[..., Any]:
         """``train_model(imageset, sample_weight=None, **recipe_overrides) -> model`` for this cell.

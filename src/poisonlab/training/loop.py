@@ -46,6 +46,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named recipes for :attr:`TrainConfig.preset`; fields given explicitly win over the preset's."""
 
+PRESET_SUMMARIES: dict[str, str] = {
+    "airbench94": "airnet (64-256-256): Keller Jordan's airbench94 recipe, 94% on CIFAR-10 (docs/performance.md)",
+    "airbench_quick": "airnet (32-64-128): the same recipe in 4 epochs, about 89% on CIFAR-10",
+}
+"""One line per preset, for ``poisonlab list``."""
+
 
 class TrainConfig(BaseModel):
     """Settings of one training run. Unknown fields and out-of-range values are rejected.
@@ -125,6 +131,7 @@ class TrainConfig(BaseModel):
 
 
 BatchWeightFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``fn(model, x, y) -> (B,)`` non-negative per-sample weights for one (augmented) training batch."""
 
 
@@ -236,11 +243,12 @@ class TrainState:
     best_score: float = -math.inf
     best_state: dict | None = None
     bad_epochs: int = 0
+    batch_transform: BatchTransform | None = None
 
 
 def prepare(model: nn.Module, train: ImageSet, cfg: TrainConfig, *, sample_weight: np.ndarray | None,
             seed: int, device: torch.device | str | None, freeze_body: bool,
-            batch_weight_fn: BatchWeightFn | None) -> TrainState:
+            batch_weight_fn: BatchWeightFn | None, batch_transform: BatchTransform | None = None) -> TrainState:
     """Move data and model to the device, initialise data-dependent layers, build the optimisers."""
     device = resolve_device(device if device is not None else next(model.parameters()).device)
     gen = torch.Generator().manual_seed(seed)
@@ -269,7 +277,8 @@ def prepare(model: nn.Module, train: ImageSet, cfg: TrainConfig, *, sample_weigh
                       x=x_all, y=y_all, w=w_all, flip_bits=flip_bits, opt=opt, gen=gen,
                       total_steps=cfg.epochs * steps_per_epoch,
                       stem_steps=(cfg.stem_bias_epochs or 0) * steps_per_epoch,
-                      freeze_body=freeze_body, batch_weight_fn=batch_weight_fn, plateau=plateau)
+                      freeze_body=freeze_body, batch_weight_fn=batch_weight_fn, plateau=plateau,
+                      batch_transform=batch_transform)
 
 
 def _set_learning_rates(s: TrainState) -> None:
@@ -307,6 +316,8 @@ def train_epoch(s: TrainState, epoch: int) -> dict:
     for idx in order.split(cfg.batch_size):
         _set_learning_rates(s)
         x, y = _batch(s, idx, epoch), s.y[idx]
+        if s.batch_transform is not None:
+            x = s.batch_transform(model, x, y)
         w = s.w[idx] if s.w is not None else None
         # a weighted mean over the whole batch, or airbench's sum (the mean times the batch size)
         norm = float(w.sum().clamp_min(1e-12)) if w is not None else float(len(idx))
@@ -393,6 +404,7 @@ def fit(
     freeze_body: bool = False,
     epoch_callback: Callable[[dict, nn.Module], None] | None = None,
     batch_weight_fn: BatchWeightFn | None = None,
+    batch_transform: BatchTransform | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``train``.
 
@@ -411,6 +423,8 @@ def fit(
             weights and batch-norm statistics (transfer learning, as in Poison Frogs).
         batch_weight_fn: ``fn(model, x, y) -> (B,)`` weights computed per batch during
             training (e.g. learning-to-reweight); multiplied with ``sample_weight``.
+        batch_transform: ``fn(model, x, y) -> x`` replaces every augmented training batch before the
+            forward pass (adversarial training: PGD examples); the model must be in train mode again on return.
         epoch_callback: called as ``epoch_callback(record, model)`` after each epoch
             (benchmarks use it to evaluate on the way).
 
@@ -426,7 +440,7 @@ def fit(
         train, val, rest_idx, _ = train.split(cfg.val_fraction, seed=seed)
         weights = weights[rest_idx] if weights is not None else None
     s = prepare(model, train, cfg, sample_weight=weights, seed=seed, device=device, freeze_body=freeze_body,
-                batch_weight_fn=batch_weight_fn)
+                batch_weight_fn=batch_weight_fn, batch_transform=batch_transform)
     bar = _progress(progress, description, cfg.epochs)
     bn_momenta = _scale_bn_momentum(s.model, cfg)
     try:
