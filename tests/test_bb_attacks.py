@@ -28,7 +28,9 @@ PARAMS = {
     "bpp": {"neg_ratio": 0.5},
     "trojannn": {"steps": 40},
     "low_frequency": {"passes": 2, "n_images": 40, "max_iter_df": 50},
-    "input_aware": {"mask_steps": 40, "steps": 80, "batch_size": 64},
+    # half the paper's cross-trigger samples: a victim trained from scratch on a fixed poisoned set tells
+    # an image's own trigger from another image's more slowly than the classifier trained with G
+    "input_aware": {"mask_steps": 100, "steps": 300, "batch_size": 64, "cross_ratio": 0.5},
 }
 
 
@@ -149,13 +151,14 @@ def test_low_frequency_trigger_is_smooth(poisoned):
     _, _, _, rec = poisoned("low_frequency")
     v = rec.trigger.pattern[..., 0]
     assert 0 <= v.min() and v.max() == pytest.approx(0.2, abs=1e-5)  # rescaled to [0, amplitude]
-    spec = np.abs(np.fft.fft2(v - v.mean()))
+    power = np.abs(np.fft.fft2(v - v.mean())) ** 2
     f = np.abs(np.fft.fftfreq(v.shape[0]))
     low = (f[:, None] <= 0.1) & (f[None, :] <= 0.1)
-    assert spec[low].sum() > 0.9 * spec.sum()  # nearly all energy below 0.1 cycles per pixel
+    assert power[low].sum() > 0.95 * power.sum()  # nearly all energy below 0.1 cycles per pixel
     noise = np.random.default_rng(0).random((1, 1, 28, 28)).astype(np.float32)
     blurred = gaussian_low_pass(torch.from_numpy(noise), 6.0)[0, 0].numpy()
-    assert blurred.std() < 0.2 * noise.std()
+    rough = lambda a: np.abs(np.diff(a, axis=-1)).mean()  # noqa: E731 - mean step between neighbours
+    assert rough(blurred) < 0.05 * rough(noise[0, 0])
 
 
 def test_trojannn_and_input_aware_records(poisoned, surrogate):

@@ -7,13 +7,14 @@ given per test, and never modify the shared model. The trusted clean set is 10% 
 """
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from poisonlab.attacks import get_attack
-from poisonlab.data import load_dataset
 from poisonlab.defenses import DEFENSES, DefenseContext, get_defense
 from poisonlab.defenses._bb_common import StageTap, conv_bn_pairs
 from poisonlab.defenses.clp import channel_lipschitz
@@ -61,11 +62,17 @@ def _run(name, mnist_small, victim, **params):
 @pytest.mark.parametrize("name,params,acc_drop", [
     ("clp", {}, 0.03),                                                    # data-free, u=3 (paper)
     ("ft_sam", {"epochs": 10, "batch_size": 64}, 0.05),                   # rho 2, adaptive (BackdoorBench)
-    ("i_bau", {"batch_size": 64, "lr": 1e-3}, 0.05),                      # 5 rounds, k=5 (paper)
-    ("anp", {"iterations": 300, "batch_size": 64}, 0.05),                 # eps 0.4, alpha 0.2, threshold 0.2
-    ("nad", {"batch_size": 64, "betas": [50, 100, 100]}, 0.10),
-    ("abl", {"lr": 0.05, "batch_size": 64, "isolation_epochs": 5, "finetune_epochs": 5,
-             "unlearning_epochs": 20}, 0.05),                             # LGA gamma 0.5, 1% isolated (paper)
+    ("i_bau", {"batch_size": 32, "lr": 1e-3}, 0.05),                      # the authors' lr; 5 rounds, k=5
+    # eps 0.4, alpha 0.2 (paper); the masks do not reach the paper's 0.2 in 300 iterations on this net
+    # (docs/defenses.md), so prune by trusted-set accuracy: margin 0.05 there, + 3 points to the test set
+    ("anp", {"iterations": 300, "batch_size": 64, "selection": "clean_accuracy"}, 0.08),
+    # a teacher fine-tuned at lr 0.01 keeps this backdoor (ASR 1.0), so lr 0.05; betas / 10: at
+    # BackdoorBench's the attention gradient is 6-18x the cross-entropy's on this net and training collapses
+    ("nad", {"batch_size": 64, "lr": 0.05, "betas": [50, 100, 100]}, 0.10),
+    # LGA gamma 0.5, 1% isolated, 20 unlearning epochs (paper); after 5 isolation epochs the isolated 1% were
+    # mostly clean on one of two victims (precision 0.05), after 10 all poison on both
+    ("abl", {"lr": 0.05, "batch_size": 64, "isolation_epochs": 10, "finetune_epochs": 5,
+             "unlearning_epochs": 20}, 0.05),
 ])
 def test_defence_removes_badnets(name, params, acc_drop, mnist_small, victim):
     res, after, before = _run(name, mnist_small, victim, **params)
@@ -171,6 +178,7 @@ def test_implicit_hypergradient_on_a_quadratic():
     ("abl", {"isolation_ratio": 0}, "isolation_ratio must be in"),
     ("abl", {"ascent": "sgd"}, "ascent must be one of"),
     ("anp", {"threshold": 1}, "threshold must be in"),
+    ("anp", {"selection": "test_asr"}, "selection must be one of"),
     ("anp", {"eps": 2}, "eps must be in"),
     ("nad", {"betas": []}, "betas must be a list"),
     ("nad", {"betas": [1, -1]}, r"betas\[\] must be in"),
@@ -182,3 +190,50 @@ def test_implicit_hypergradient_on_a_quadratic():
 def test_bad_parameters_fail_at_construction(name, params, match):
     with pytest.raises(ParameterError, match=match):
         get_defense(name, **params)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("config", ["cifar10.toml", "digits_tiny.toml"])
+def test_table_config_trains_each_poisoned_model_once(config, tmp_path):
+    """The table's grid: one victim per attack and seed, shared by every defence (planning reads no data)."""
+    from poisonlab.experiments import build_plan, load_config
+    from poisonlab.experiments.cache import ArtifactCache
+
+    cfg = load_config(REPO / "examples" / "backdoorbench" / config)
+    assert {a.name for a in cfg.attacks} == {"badnets", "blended", "sig", "wanet"}
+    assert {d.name for d in cfg.defenses} >= {"finetune", "fine_pruning", "neural_cleanse", "activation_clustering",
+                                              "spectral_signatures", *NEW} - {"clp"}
+    plan = build_plan(cfg, tmp_path / "o", ArtifactCache(tmp_path / "c"), estimate=False)
+    n_attacks = len(cfg.attacks)  # badnets 10% and 1% are two variants
+    assert n_attacks == 5 and len(plan.attack_keys) == n_attacks * len(cfg.seeds)
+    victims = [v for _, v in plan.attack_keys.values()]
+    assert len(set(victims)) == len(victims)
+    retraining = sum(1 for d in plan.defense_info if d["retrains"])  # AC, SS, ABL
+    assert plan.trainings_needed == len(cfg.seeds) * (1 + n_attacks + retraining)
+    defence_units = [u for u in plan.units if u.kind == "defenses"]
+    assert len(defence_units) == len(cfg.seeds)  # all defences of BadNets 10% in one unit, one victim
+    seeds_cfg = cfg.model_copy(update={"seeds": [1, 2], "defenses": []})
+    plan2 = build_plan(seeds_cfg, tmp_path / "o2", ArtifactCache(tmp_path / "c"), estimate=False)
+    assert plan2.trainings_needed == 2 * (1 + n_attacks)
+
+
+def test_table_writer_puts_ours_beside_the_published():
+    spec = importlib.util.spec_from_file_location("bb_bench", REPO / "benchmarks" / "backdoorbench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bad = "badnets(corner=bottom-right,intensity=1.0,rate=0.1,size=3,target=0)"
+    rows = [{"attack": bad, "defense": "none", "seed": s, "clean_acc": a, "asr": 0.95, "robust_acc": 0.04}
+            for s, a in ((0, "0.90"), (1, "0.92"))]
+    rows += [{"attack": "sig(delta=0.15,frequency=6.0,rate=1.0,target=0)", "defense": "none", "seed": 0,
+              "clean_acc": "0.88", "asr": "0.9", "robust_acc": "0.1"},
+             {"attack": bad, "defense": "anp(iterations=2000)", "seed": 0, "clean_acc": "0.9", "asr": "0.02",
+              "robust_acc": "0.85", "der": "0.96", "defense_seconds": "120"},
+             {"attack": bad, "defense": "finetune(epochs=100)", "seed": 0, "error": "boom"}]
+    table = bench.build_table(rows)
+    lines = table.splitlines()
+    assert any(ln.startswith("| BadNets | 10% | 91.82 | 91.00 ± 1.41 (n=2) | 93.79 | 95.00 ± 0.00 (n=2)") for ln in lines)
+    assert any(ln.startswith("| SIG | 10% | 84.49 | 88.00 | 97.87 | 90.00") for ln in lines)  # rate 1.0 of a class
+    assert "| ANP | 91.65 | 90.00 | 3.83 | 2.00 | 85.00 | 94.89 | 96.00 | 120 |" in lines
+    assert any(ln.startswith("| FT | 90.29 | not measured yet") for ln in lines)  # a failed run is not a figure

@@ -183,7 +183,7 @@ def train_generators(classifier: nn.Module, images: torch.Tensor, labels: torch.
         opt_m.zero_grad(set_to_none=True)
         loss.backward()
         opt_m.step()
-        info.update(mask_loss=float(loss), mask_norm=float(norm))
+        info.update(mask_loss=float(loss.detach()), mask_norm=float(norm.detach()))
     m.eval().requires_grad_(False)
 
     opt_g = torch.optim.Adam(g.parameters(), lr_generator, betas=(0.5, 0.9))
@@ -209,7 +209,7 @@ def train_generators(classifier: nn.Module, images: torch.Tensor, labels: torch.
         loss.backward()
         opt_g.step()
         opt_c.step()
-        info.update(ce=float(ce), diversity=float(div))
+        info.update(ce=float(ce.detach()), diversity=float(div.detach()))
     return g.eval(), m, info
 
 

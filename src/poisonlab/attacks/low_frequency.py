@@ -50,12 +50,12 @@ def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, max_iter: 
         label = model(x).argmax(1)
     r = torch.zeros_like(x)
     active = label != target
-    steps = torch.zeros(len(x), dtype=torch.long)
+    steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    rows = torch.arange(len(x), device=x.device)
     it = 0
     while bool(active.any()) and it < max_iter:
         xi = (x + (1 + overshoot) * r).detach().requires_grad_(True)
         logits = model(xi)
-        rows = torch.arange(len(x))
         f = logits[rows, target] - logits[rows, label]
         (w,) = torch.autograd.grad(f.sum(), xi)
         with torch.no_grad():

@@ -77,10 +77,10 @@ class ABL(Defense):
     (their loss is not a normal training loss); step 3 is :func:`poisonlab.training.fit`.
 
     Settings: the paper's gamma 0.5, 1% isolated, LGA, unlearning lr 5e-4; BackdoorBench's SGD
-    (momentum 0.9, Nesterov, weight decay 1e-4), lr 0.01, batch 256 and "flooding" loss. The
-    paper/BackdoorBench run 20 isolation, 60 fine-tuning (lr 0.01 then 0.001 after 40) and 20
-    unlearning epochs (BackdoorBench's code unlearns at 1e-4); the CPU defaults are 5, 10 and 5.
-    BackdoorBench augments the fine-tuning and unlearning batches; this does not.
+    (momentum 0.9, Nesterov, weight decay 1e-4), lr 0.01, batch 256 and "flooding" loss. The paper
+    isolates after 20 epochs; BackdoorBench runs 20 isolation, 60 fine-tuning (lr 0.01, then 0.001
+    after epoch 40) and 20 unlearning epochs (its code unlearns at 1e-4); the CPU defaults are 5, 10
+    and 5. BackdoorBench augments the fine-tuning and unlearning batches; this does not.
 
     Args:
         isolation_ratio: share of the training set isolated, (0, 0.5].

@@ -66,8 +66,9 @@ class IBAU(Defense):
     clean batch, whose outer loss stamps ``delta`` on ``portion`` of the batch (at least one image) and
     whose inner problem is the regularised loss on the first batch. Output: the unlearnt copy.
 
-    Defaults are BackdoorBench's (its config and the authors' code): 5 rounds, k = 5, Adam lr 1e-4,
-    batch 256, portion 0.01 (2 images of 256; the authors' batch of 100 stamps one), inner step 0.1.
+    Defaults are BackdoorBench's: 5 rounds, k = 5, Adam lr 1e-4, batch 256; with the authors' code
+    they share portion 0.01 (2 images of 256; the authors' batch of 100 stamps one), inner step 0.1,
+    delta lr 10 and penalty 0.001. The authors' own defaults are 3 rounds, Adam lr 1e-3, batch 100.
 
     Args:
         rounds: unlearning rounds, [1, 1000]; k: fixed-point steps, [1, 1000].

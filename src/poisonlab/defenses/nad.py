@@ -46,8 +46,11 @@ class NAD(Defense):
 
     Defaults are BackdoorBench's: 10 + 10 epochs, lr 0.01 (the student keeps it constant: its
     schedule only drops after epoch 20), betas 500 / 1000 / 1000 from the shallowest stage, p 2,
-    momentum 0.9, weight decay 5e-4, batch 256. BackdoorBench augments the clean set (crop, flip);
-    here there is no augmentation (as for ``finetune``).
+    momentum 0.9, weight decay 5e-4, batch 256. The authors' code starts at lr 0.1 for two epochs;
+    BackdoorBench's PreAct-ResNet18 port taps layer3, layer4 and the pooled output (a 1x1 map, whose
+    attention term is always 0). BackdoorBench augments the clean set (crop, flip); here there is
+    no augmentation (as for ``finetune``). The distillation only helps if the fine-tuned teacher has
+    lost most of the backdoor: with a teacher that keeps it, raise ``lr``.
 
     Args:
         teacher_epochs: fine-tuning epochs of the teacher, [1, 10000].
