@@ -18,6 +18,7 @@ from poisonlab.errors import ParameterError
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.ELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.PReLU)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -39,9 +40,9 @@ def batches(data: ImageSet, batch_size: int, epochs: int, gen: torch.Generator,
             yield x_all[idx].float().div_(255), y_all[idx]
 
 
-def batch_norms(model: nn.Module, who: str) -> list[nn.modules.batchnorm._BatchNorm]:
+def batch_norms(model: nn.Module, who: str) -> list[nn.Module]:
     """Every affine batch-norm layer of ``model``; a :class:`ParameterError` naming ``who`` if there is none."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    layers = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.affine]
     if not layers:
         raise ParameterError(f"{who} acts on batch-norm neurons, but model {type(model).__name__} has no "
                              f"batch-norm layer (use fastnet, resnet18, vgg_like or cnn3)")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonlab.attacks.base import check_range
-from poisonlab.defenses._bb_common import batches, device_of
+from poisonlab.defenses._bb_common import BATCH_NORMS, batches, device_of
 from poisonlab.defenses._repair import require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
@@ -46,7 +46,7 @@ def sam_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, x: torch.Ten
             e = g * scale * (p * p if adaptive else 1.0)
             p.add_(e)
             moves.append((p, e))
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.momentum = 0.0  # the second pass must not move the running statistics
