@@ -31,7 +31,8 @@ import numpy as np
 # budget parameters lowered for the poison() check: the contract is about bookkeeping, not about
 # how strong the attack is, so iterative attacks run a few steps instead of hundreds
 QUICK_PARAMS = {"steps": 3, "restarts": 1, "max_rounds": 2, "train_steps": 2, "noise_steps": 2, "epochs": 1,
-                "surrogate_epochs": 1, "pgd_steps": 2, "iterations": 3, "n_poisons": 3, "generator_epochs": 1}
+                "surrogate_epochs": 1, "pgd_steps": 2, "iterations": 3, "n_poisons": 3, "generator_epochs": 1,
+                "mask_steps": 2}
 
 
 class ContractError(AssertionError):

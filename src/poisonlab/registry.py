@@ -89,7 +89,7 @@ class Registry(Generic[T]):
                 )
         return factory(**params)
 
-    def create(self, name: str, base: type, **params: Any) -> Any:
+    def create(self, name: str, base: type, /, **params: Any) -> Any:
         """:meth:`build`, then check that the result is a ``base`` and record ``name`` on it (``registry_name``)."""
         obj = self.build(name, **params)
         if not isinstance(obj, base):
