@@ -28,7 +28,7 @@ import torch
 from poisonlab.data import load_dataset
 from poisonlab.models import build_model
 from poisonlab.training import PRESETS, TrainConfig, fit, predict_proba
-from poisonlab.training.device import use_bf16
+from poisonlab.training.device import resolve_device, use_bf16
 from poisonlab.training.perf import matmul_peak_tflops, training_flops
 
 PRESET_MODELS = {"airbench94": ("airnet", {}), "airbench_quick": ("airnet", {"widths": [32, 64, 128]})}
@@ -80,11 +80,13 @@ def run(data_dir: str, preset: str | None = "airbench94", model: str | None = No
     params = {**params, **(model_params or {})}
     mean, std = train.channel_stats()
     torch.manual_seed(seed)
+    dev = resolve_device("auto")  # a GPU when there is one
     net = build_model(model_name, 3, 10, 32, mean=mean, std=std, **params)
 
-    use = use_bf16(cfg.bf16, "cpu", 32)
+    use = use_bf16(cfg.bf16, dev, 32)
     flops = training_flops(net, train, cfg)
-    peak = matmul_peak_tflops(torch.bfloat16 if use else torch.float32)
+    peak = matmul_peak_tflops(torch.bfloat16 if use else torch.float32, device=dev)
+    net = net.to(dev)
     load_before = os.getloadavg()
     results: list[dict] = []
     eval_seconds = 0.0
@@ -116,7 +118,7 @@ def run(data_dir: str, preset: str | None = "airbench94", model: str | None = No
     achieved = flops / train_seconds / 1e12
     return {
         "model": model_name, "model_params": params, "preset": preset, "seed": seed,
-        "recipe": cfg.model_dump(), "bf16": use, "threads": torch.get_num_threads(), "train_images": len(train),
+        "recipe": cfg.model_dump(), "bf16": use, "device": str(dev), "threads": torch.get_num_threads(), "train_images": len(train),
         "target": target, "final_test_acc": results[-1]["test_acc"],
         "final_test_acc_no_tta": results[-1]["test_acc_no_tta"], "final_test_acc_by_tta": by_tta,
         "seconds_to_target": reached, "train_seconds": train_seconds, "train_flops": flops,

@@ -128,6 +128,7 @@ class AuditResult:
     features: np.ndarray | None = None
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _trainer(data: ImageSet, cfg: AuditConfig, progress: bool) -> Callable[..., torch.nn.Module]:
@@ -372,7 +373,11 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     trigger = ac_flags & ~mislabelled
     flagged = mislabelled | trigger
     finding = np.where(mislabelled, "mislabelled", np.where(trigger, "trigger", "")).tolist()
-    reasons = [";".join(d for d in DETECTORS if f[d][i]) for i in range(len(y))]
+    # a flagged row names the rule that decided it first, then every detector that flagged the image (a
+    # trigger-cluster flag may come from the class-excess rule alone, with no detector flag of its own)
+    trigger_rule = "trigger_cluster_rule(class_excess)" if cfg.require_class_excess else "trigger_cluster_rule"
+    rule = np.where(mislabelled, "label_issue_rule", np.where(trigger, trigger_rule, ""))
+    reasons = [";".join(([rule[i]] if rule[i] else []) + [d for d in DETECTORS if f[d][i]]) for i in range(len(y))]
     return {"score": suspicion_score(flagged, s["confident_learning"], s["activation_clustering"]),
             "flagged": flagged, "finding": finding, "reasons": reasons, "suggested": det.suggested,
             "detector_scores": s, "detector_flags": f, "class_info": info}
@@ -391,8 +396,27 @@ def audit_imageset(data: ImageSet, cfg: AuditConfig | None = None, progress: boo
     t1 = time.perf_counter()
     ev = combine_evidence(data.labels, probs, feats, cfg)
     t2 = time.perf_counter()
+    warn = trust_warning(float((probs.argmax(1) == data.labels).mean()), cfg)
+    if warn:
+        log(f"warning: {warn}")
     return AuditResult(data=data, cv_pred_probs=probs, features=feats, unreadable=list(data.meta.get("unreadable", [])),
-                       seconds={"cross_validation": t1 - t0, "detectors": t2 - t1}, **ev)
+                       seconds={"cross_validation": t1 - t0, "detectors": t2 - t1}, warnings=[warn] if warn else [],
+                       **ev)
+
+
+def trust_warning(cv_accuracy: float, cfg: AuditConfig) -> str | None:
+    """A warning when the fold models are too weak for the audit's flags to mean much, else None.
+
+    The rule is not fitted to any audit's figures: a label issue is flagged only when the fold model gives
+    the suggested class at least ``min_confidence``, and a model right less often than that on held-out
+    images cannot be trusted at that confidence (its confident suggestions are mostly its own errors);
+    the feature-space detectors need features that separate the classes, which such a model lacks too.
+    """
+    if cv_accuracy >= cfg.min_confidence:
+        return None
+    return (f"the fold models' cross-validated accuracy is {cv_accuracy:.2f}, below the {cfg.min_confidence:.2f} "
+            "confidence the label-issue rule asks of a suggestion, so these flags mean little; train the fold models "
+            "longer (--epochs), keep more detail (--image-size), or audit more images per class")
 
 
 # ------------------------------------------------------------------ output
@@ -402,7 +426,11 @@ def csv_columns() -> list[str]:
 
 
 def write_csv(result: AuditResult, path: Path) -> None:
-    """``suspicious.csv``: one row per image, most suspicious first; unreadable files at the end."""
+    """``suspicious.csv``: one row per image, most suspicious first; unreadable files at the end.
+
+    Paths and class names come from the audited folder: a cell a spreadsheet would evaluate (``=1+2``)
+    is written with a leading apostrophe."""
+    from poisonlab.report.tables import spreadsheet_safe as safe
     from poisonlab.utils import atomic_write_text
 
     d = result.data
@@ -412,18 +440,19 @@ def write_csv(result: AuditResult, path: Path) -> None:
     wr = csv.writer(buf)
     wr.writerow(csv_columns())
     for i in np.argsort(-result.score, kind="stable"):
-        wr.writerow([paths[i], names[d.labels[i]], names[result.suggested[i]], f"{result.score[i]:.6f}",
-                     int(result.flagged[i]), FINDINGS.get(result.finding[i], ""), result.reasons[i]]
-                    + [f"{result.detector_scores[k][i]:.6g}" for k in DETECTORS])
+        wr.writerow([safe(paths[i]), safe(names[d.labels[i]]), safe(names[result.suggested[i]]),
+                     f"{result.score[i]:.6f}", int(result.flagged[i]), FINDINGS.get(result.finding[i], ""),
+                     result.reasons[i]] + [f"{result.detector_scores[k][i]:.6g}" for k in DETECTORS])
     for rel, why in result.unreadable:
-        wr.writerow([rel, Path(rel).parts[0] if Path(rel).parts else "", "", "", "", "unreadable", why]
-                    + [""] * len(DETECTORS))
+        wr.writerow([safe(rel), safe(Path(rel).parts[0]) if Path(rel).parts else "", "", "", "", "unreadable",
+                     safe(why)] + [""] * len(DETECTORS))
     atomic_write_text(path, buf.getvalue())
 
 
 _CSS = """td:first-child{text-align:left}th{background:#f3f3f3}
 .g{display:flex;flex-wrap:wrap;gap:.5em}.c{width:120px;font-size:11px;word-break:break-all;border:1px solid #ddd;padding:3px}
-.c img{width:112px;height:112px;image-rendering:pixelated;display:block}.s{color:#a00}"""
+.c img{width:112px;height:112px;image-rendering:pixelated;display:block}.s{color:#a00}
+.warn{background:#fff3cd;border:1px solid #e0b000;padding:.5em}"""
 
 _DETECTORS_NOTE = (
     "<h2>Detectors</h2><p>Likely mislabelled = a confident-learning label issue (Northcutt et al. "
@@ -454,7 +483,8 @@ def write_html(result: AuditResult, path: Path, max_per_gallery: int = 120) -> N
 
 def _overview(result: AuditResult) -> str:
     d = result.data
-    return (f"<p>{len(d)} images in {d.num_classes} classes; {int(result.flagged.sum())} flagged "
+    warn = "".join(f'<p class="warn"><b>Warning:</b> {html.escape(w)}</p>' for w in result.warnings)
+    return warn + (f"<p>{len(d)} images in {d.num_classes} classes; {int(result.flagged.sum())} flagged "
             f"({int(sum(x == 'mislabelled' for x in result.finding))} likely mislabelled, "
             f"{int(sum(x == 'trigger' for x in result.finding))} in likely trigger clusters); "
             f"{len(result.unreadable)} unreadable. Cross-validated accuracy "

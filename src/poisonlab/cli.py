@@ -27,9 +27,19 @@ def register_commands(target: typer.Typer) -> None:
 register_commands(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one ``warning: ...`` line on stderr, not Python's ``file.py:NN: UserWarning`` form."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main() -> None:
+    import warnings
+
     from poisonlab.errors import PoisonlabError
 
+    warnings.showwarning = _show_warning
     try:
         app()
     except PoisonlabError as e:  # pragma: no cover - safety net for a command without its own handler

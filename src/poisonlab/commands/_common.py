@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 
 console = Console(stderr=False)
+if not console.is_terminal:  # a pipe or a file: tables whole, not cut to 80 columns, for scripts to read
+    console = Console(stderr=False, width=100_000)
 err_console = Console(stderr=True)
 
 
@@ -35,6 +37,7 @@ TEXT_COLUMNS = ("dataset", "model", "training", "attack", "defense")
 def print_summary(rows: list[dict[str, Any]]) -> None:
     """The results as a table on stdout (columns with no value left out), then the failed runs."""
     from rich.table import Table
+    from rich.text import Text  # cells as plain text: run names and parameters may hold "[...]"
 
     cols = [c for c in SUMMARY_COLUMNS if any(isinstance(r.get(c), (int, float, str)) and r.get(c) == r.get(c)
                                               and r.get(c) is not None for r in rows)
@@ -43,13 +46,13 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
     for c in cols:
         t.add_column(c, justify="left" if c in TEXT_COLUMNS else "right")
     for r in rows:
-        t.add_row(*[_cell(r.get(c)) if not r.get("error") or c in ("attack", "defense", "seed") else "failed"
+        t.add_row(*[Text(_cell(r.get(c)) if not r.get("error") or c in ("attack", "defense", "seed") else "failed")
                     for c in cols])
     console.print(t)
     failed = [r for r in rows if r.get("error")]
     if failed:
         console.print(f"{len(failed)} run(s) failed (errors in results.csv, tracebacks in runs/<run>.json):",
-                      highlight=False)
+                      highlight=False, markup=False)
         for r in failed:
             console.print(f"  {r['run']}: {r['error']}", highlight=False, markup=False, soft_wrap=True)
 

@@ -39,6 +39,14 @@ def register(app: typer.Typer) -> None:
 
         if not folder.is_dir():
             fail(f"{folder}: not a directory")
+        # checked before the cross-validation, so that no work is lost to a bad --out or size
+        if out.exists() and not out.is_dir():
+            fail(f"--out {out}: exists and is not a directory")
+        if out.resolve().is_relative_to(folder.resolve()):
+            fail(f"--out {out}: inside the audited folder {folder} (it would be read as a class next time); "
+                 "write the audit elsewhere")
+        if not 4 <= image_size <= 1024:
+            fail(f"--image-size must be in [4, 1024], got {image_size}")
         try:
             if bf16 not in ("auto", "on", "off"):
                 raise ParameterError(f"--bf16 must be auto, on or off, got {bf16!r}")
@@ -46,11 +54,11 @@ def register(app: typer.Typer) -> None:
                               min_pair_share=min_pair_share, require_class_excess=class_excess,
                               bf16={"auto": None, "on": True, "off": False}[bf16], seed=seed)
             res = audit_folder(folder, out, cfg, image_size=image_size, channels=1 if grayscale else 3,
-                               progress=not quiet, log=lambda s: console.print(s, highlight=False))
+                               progress=not quiet, log=lambda s: console.print(s, highlight=False, markup=False))
         except PoisonlabError as e:
             fail(e)
         n_mis = sum(f == "mislabelled" for f in res.finding)
         n_trg = sum(f == "trigger" for f in res.finding)
         console.print(f"{int(res.flagged.sum())} of {len(res.data)} images flagged: {n_mis} likely mislabelled, "
-                      f"{n_trg} in likely trigger clusters; {len(res.unreadable)} unreadable")
-        console.print(f"wrote {out / 'suspicious.csv'} and {out / 'report.html'}")
+                      f"{n_trg} in likely trigger clusters; {len(res.unreadable)} unreadable", markup=False)
+        console.print(f"wrote {out / 'suspicious.csv'} and {out / 'report.html'}", highlight=False, markup=False)

@@ -27,10 +27,11 @@ def register(app: typer.Typer) -> None:
 
             cfg = load_federated_config(config)
             rows = run_federated(cfg, out, str(data_dir) if data_dir else None,
-                                 log=lambda s: console.print(s, highlight=False), verbose=verbose)
+                                 log=lambda s: console.print(s, highlight=False, markup=False), verbose=verbose)
         except PoisonlabError as e:
             fail(e)
         except ImportError as e:
             fail(RuntimeError(f"{e}: install the federated extra (pip install -e '.[federated]')"))
         print_summary(rows)
-        console.print(f"results: {out / 'results.csv'}  (per round: {out / 'rounds.csv'}, plots in {out / 'plots'})")
+        console.print(f"results: {out / 'results.csv'}  (per round: {out / 'rounds.csv'}, plots in {out / 'plots'})",
+                      highlight=False, markup=False)

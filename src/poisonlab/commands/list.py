@@ -126,6 +126,7 @@ def _summary(obj: Any) -> str:
 
 def print_catalogue(cat: dict[str, Any]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     heads = {"datasets": ("datasets", ("name", "description")),
              "models": ("models (parameters on 32x32x3, 10 classes; mnist_cnn on 28x28x1)",
@@ -139,7 +140,7 @@ def print_catalogue(cat: dict[str, Any]) -> None:
         for c in cols:
             t.add_column(c)
         for row in cat[section]:
-            t.add_row(*row)
+            t.add_row(*[Text(x) for x in row])  # plain text: defaults such as "(1, 2)" or "[..]" are not markup
         console.print(t)
     for msg in cat.get("plugin_errors") or []:
         console.print(f"plug-in not loaded: {msg}", highlight=False, markup=False, soft_wrap=True)

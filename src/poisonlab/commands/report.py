@@ -20,4 +20,4 @@ def register(app: typer.Typer) -> None:
             html_path, md_path = write_report(results_dir)
         except PoisonlabError as e:
             fail(e)
-        console.print(f"wrote {html_path} and {md_path}", highlight=False)
+        console.print(f"wrote {html_path} and {md_path}", highlight=False, markup=False)

@@ -36,11 +36,17 @@ def register(app: typer.Typer) -> None:
         Any axis of the config may be a list. Finished runs in OUT are skipped, so
         re-running an interrupted command resumes it; trained models and other
         stages come from the cache.
+
+        Exit status: 0 when every run succeeded; 1 when some run failed (the others are
+        written, failures are listed and kept in results.csv); 2 when the input was refused
+        before any work started.
         """
         from poisonlab.errors import PoisonlabError
         from poisonlab.experiments import load_config, run_experiment
         from poisonlab.experiments.config import with_device
 
+        if out.exists() and not out.is_dir():
+            fail(f"--out {out}: exists and is not a directory")
         try:
             cfg = load_config(config)
             if device is not None:
@@ -54,5 +60,8 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             return
         print_summary(rows)
+        failed = sum(1 for r in rows if r.get("error"))
         console.print(f"results: {out / 'results.csv'}  (per-run JSON in {out / 'runs'}, plots in {out / 'plots'}, "
-                      f"report in {out / 'report.html'})", highlight=False)
+                      f"report in {out / 'report.html'})", highlight=False, markup=False)
+        if failed:  # what succeeded is written; the status says not everything did
+            raise typer.Exit(1)

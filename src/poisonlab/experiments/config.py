@@ -146,7 +146,8 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "experiment"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="each in [0, 2**32 - 1] (numpy and torch seed generators take no more)")
     dataset: list[DatasetConfig] = Field(default_factory=lambda: [DatasetConfig()], min_length=1)
     model: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1)
     training: list[TrainConfig] = Field(default_factory=lambda: [TrainConfig()], min_length=1)
@@ -178,6 +179,14 @@ class ExperimentConfig(BaseModel):
     @classmethod
     def _seed_scalar(cls, v: Any) -> Any:
         return [v] if isinstance(v, int) else v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 0 <= s < 2**32]
+        if bad:
+            raise ValueError(f"every seed must be in [0, 4294967295], got {_short_repr(bad[0])}")
+        return v
 
     @field_validator("dataset", "training", mode="before")
     @classmethod
@@ -292,6 +301,10 @@ def format_validation_error(source: str, e: ValidationError, data: dict[str, Any
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validate a config read from ``source``; an empty one is refused (it would silently run every default)."""
+    if isinstance(data, dict) and not data:
+        raise ConfigError(f"{source}: the config is empty; give at least a name and a [dataset] (see "
+                          "examples/quickstart.toml)")
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
@@ -415,6 +428,9 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(_shorten(f"{path}: cannot parse YAML: {e}", MAX_ERROR_LINE_CHARS)) from None
     except RecursionError:  # tomllib descends once per nesting level
         raise ConfigError(f"{path}: values nested more than {MAX_NESTING} levels deep") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{path}: the config is empty; give at least a name and a [dataset] (see "
+                          "examples/quickstart.toml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a table/mapping")
     deep = _too_deep(data)

@@ -157,7 +157,8 @@ class RunWriter:
                 f"{run.defense_label}: suspicion scores"))
         views = []
         if "pca_xy" in vic:
-            views.append(("before: poisoned model, all samples", vic["pca_xy"], mask[vic["pca_idx"]]))
+            views.append(("before: poisoned model, a sample (poisons over-represented)", vic["pca_xy"],
+                          mask[vic["pca_idx"]]))
         if "after_xy" in arr:
             views.append(("after: defended model" + (", kept samples" if "kept" in arr else ""),
                           arr["after_xy"], mask[arr["after_idx"]]))

@@ -60,11 +60,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | None 
     log(f"{cfg.name}: " + plan.describe())
     old = {r["run"]: r for r in load_result_rows(out)}
     rows: dict[str, dict[str, Any]] = {r: old[r] for r in plan.done}
+    # data present, attacks and models fit it: before any work (and in a dry run, which promises a runnable plan)
+    loaded = check_attacks_fit(plan, data_dir) if plan.units else {}
     if dry_run:
         return [rows[r] for r in plan.runs if r in rows]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg.model_dump())
-    loaded = check_attacks_fit(plan, data_dir) if plan.units else {}
     on_rows = _row_sink(plan, out, rows, mlflow_uri)
     view = GridProgress(plan, log)
     if executor == "ray":
@@ -84,16 +85,43 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | None 
 
 
 def check_attacks_fit(plan: Plan, data_dir: str | None) -> dict[str, Any]:
-    """Load each cell's data and check every attack against it, so that parameters that do not fit
-    the data (a target class it lacks, a trigger larger than its images) fail before any training.
-    Returns the loaded data by data key, for the executor to reuse."""
+    """Load each cell's data and check every attack and model against it, so that what does not fit
+    the data (a target class it lacks, a trigger larger than its images, a network whose kernels are
+    larger than the images) fails before any training. Returns the loaded data by data key, for the
+    executor to reuse."""
     loaded: dict[str, Any] = {}
+    models_checked: set[tuple[str, str]] = set()
     for cell in plan.cells:
         if cell.data_key not in loaded:
             loaded[cell.data_key] = data = dataset_splits(cell.dataset, data_dir)
             for attack in plan.attacks:
                 attack.build().check(data.train)
+        key = (cell.data_key, repr(cell.model))
+        if key not in models_checked:
+            models_checked.add(key)
+            check_model_fits(cell, loaded[cell.data_key].train)
     return loaded
+
+
+def check_model_fits(cell: Any, train: Any) -> None:
+    """Build the cell's model for ``train`` and run two of its images through it; a failure is a
+    ConfigError naming the model and the image shape."""
+    import torch
+
+    from poisonlab.errors import ConfigError
+    from poisonlab.models import build_model_for
+
+    m = cell.model
+    try:
+        model = build_model_for(m.name, train, feature_layer=m.feature_layer, **m.params).eval()
+        x = torch.from_numpy(train.images[:2]).permute(0, 3, 1, 2).float().div(255)
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, ValueError) as e:
+        h, w, c = train.images.shape[1:]
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"[model] name = {m.name!r} cannot take the {cell.labels.get('dataset', 'dataset')} images "
+                          f"({h}x{w}x{c}): {first}") from None
 
 
 def _row_sink(plan: Plan, out: Path, rows: dict[str, dict[str, Any]], mlflow_uri: str | None

@@ -65,7 +65,8 @@ class FederationConfig(BaseModel):
 class MaliciousConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    fraction: float = Field(0.0, description="share of the clients that are malicious, [0, 1]")
+    fraction: float = Field(0.0, allow_inf_nan=False,
+                            description="share of the clients that are malicious, [0, 1]")
     count: int | None = Field(None, description="number of malicious clients (overrides fraction)")
     mode: Literal[MODES] = "none"  # type: ignore[valid-type]
     attack: MethodConfig | None = Field(None, description="catalogue attack on the malicious clients' data")
@@ -73,7 +74,7 @@ class MaliciousConfig(BaseModel):
     eta: float = Field(1.0, gt=0, description="server learning rate assumed by model replacement's n/eta")
     scale: float = Field(1.0, gt=0, description="sign_flip: sent update = -scale * update")
     sigma: float = Field(1.0, gt=0, description="gaussian: std of the random update")
-    value: float = Field(100.0, description="constant: every coordinate of the update")
+    value: float = Field(100.0, allow_inf_nan=False, description="constant: every coordinate of the update")
     start_round: int = Field(1, ge=1, description="malicious clients act honestly before this round")
 
     @field_validator("attack")

@@ -25,7 +25,9 @@ from poisonlab.utils import atomic_write_text
 PLOT_TITLES = {"history": "training curves", "confusion": "confusion matrix (clean test)",
                "confusion_triggered": "confusion matrix (triggered test)",
                "examples": "clean vs poisoned examples, |difference| amplified",
-               "features": "penultimate features, 2-D PCA (red: poisoned)", "scores": "detection scores"}
+               "features": "penultimate features, 2-D PCA of a sample of up to 1,000 training images with (up to 300 "
+                           "of) the poisons always in, so poisons look more common than they are (red: poisoned)",
+               "scores": "detection scores"}
 
 _CSS = """
 table{font-size:13px;margin:.5em 0 1.5em}
@@ -138,6 +140,22 @@ def _table(rows: list[dict[str, Any]], cols: list[str], table_id: str, std: bool
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
+def _overview(summary: list[dict[str, Any]]) -> list[str]:
+    """The overview figure (clean accuracy vs ASR, DER per defence, ASR against the grid's axes), if any."""
+    from poisonlab.report.page import png_data_uri
+    from poisonlab.report.plots import overview_png
+
+    png = overview_png(summary)
+    if png is None:
+        return []
+    return ["<h2>Overview</h2>",
+            f'<figure><img alt="overview" src="{png_data_uri(png)}"><figcaption>Left: clean accuracy against attack '
+            "success rate for every attack and defence (mean and standard deviation over seeds; top left is a "
+            "working backdoor, bottom right a working defence). Then the defence effectiveness rating per "
+            "defence, and ASR and clean accuracy against each attack parameter the grid varies.</figcaption>"
+            "</figure>"]
+
+
 def write_report(out: str | Path, title: str | None = None) -> tuple[Path, Path]:
     """Write ``out/report.html`` and ``out/results.md``; returns their paths."""
     out = Path(out)
@@ -165,6 +183,7 @@ def write_report(out: str | Path, title: str | None = None) -> tuple[Path, Path]
              f'<p class="note">{len(rows)} runs. Summary over seeds: mean ± standard deviation; d_clean_acc and '
              f"d_macro_f1 are differences to the clean baseline of the same cell; ASR, robust accuracy and DER "
              f"follow BackdoorBench. Click a column header to sort.</p>",
+             *_overview(summary),
              "<h2>Results</h2>", _table(summary, scols, "summary", std=True),
              "<h2>All runs</h2>", _table(rows, run_cols, "runs", std=False), "<h2>Per run</h2>"]
     for r in rows:

@@ -118,3 +118,92 @@ def plot_score_histogram(scores: np.ndarray, is_poison: np.ndarray, path: str | 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+def _label_params(label: str) -> tuple[str, dict[str, str]]:
+    """``"badnets(rate=0.1,size=3)"`` -> ``("badnets", {"rate": "0.1", "size": "3"})`` (run labels)."""
+    name, _, rest = str(label).partition("(")
+    params = {}
+    for part in rest.rstrip(")").split(","):
+        k, eq, v = part.partition("=")
+        if eq:
+            params[k.strip()] = v.strip()
+    return name, params
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and v == v
+
+
+def grid_axes(summary: Sequence[dict]) -> list[tuple[str, str, list[tuple[float, dict]]]]:
+    """The attack parameters a grid varies: ``(attack name, parameter, [(value, summary row), ...])`` for
+    every numeric parameter that takes two or more values among otherwise equal undefended rows."""
+    groups: dict[tuple, list[tuple[float, dict]]] = {}
+    for s in summary:
+        if s.get("defense") not in (None, "none") or s.get("attack") in (None, "none"):
+            continue
+        name, params = _label_params(s["attack"])
+        for k, v in params.items():
+            try:
+                x = float(v)
+            except ValueError:
+                continue
+            rest = tuple(sorted((a, b) for a, b in params.items() if a != k))
+            key = (s.get("dataset"), s.get("model"), s.get("training"), name, k, rest)
+            groups.setdefault(key, []).append((x, s))
+    return [(key[3], key[4], sorted(pts, key=lambda p: p[0])) for key, pts in groups.items()
+            if len({x for x, _ in pts}) >= 2]
+
+
+def overview_png(summary: Sequence[dict]) -> bytes | None:
+    """The report's overview as PNG bytes: clean accuracy vs ASR of every (attack, defence) (means with
+    standard deviations over seeds), DER per defence, and ASR / clean accuracy against every attack
+    parameter the grid varies. None when the rows hold nothing to plot (no attack was run)."""
+    pts = [s for s in summary if _finite(s.get("clean_acc")) and _finite(s.get("asr"))]
+    der: dict[str, list[float]] = {}
+    for s in summary:
+        if _finite(s.get("der")):
+            der.setdefault(str(s.get("defense")), []).append(float(s["der"]))
+    axes_ = grid_axes(summary)
+    panels = bool(pts) + bool(der) + len(axes_)
+    if not panels:
+        return None
+    fig, axs = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
+    axs = list(axs[0])
+    if pts:
+        ax = axs.pop(0)
+        defences = sorted({str(s.get("defense")) for s in pts})
+        markers = "osD^v<>pPX*h"
+        for j, d in enumerate(defences):
+            mine = [s for s in pts if str(s.get("defense")) == d]
+            ax.errorbar([s["clean_acc"] for s in mine], [s["asr"] for s in mine],
+                        xerr=[np.nan_to_num(s.get("clean_acc_std", 0.0)) for s in mine],
+                        yerr=[np.nan_to_num(s.get("asr_std", 0.0)) for s in mine],
+                        fmt=markers[j % len(markers)], ms=6, capsize=2, label=d, alpha=0.85)
+        ax.set(xlabel="clean accuracy", ylabel="attack success rate", title="every attack and defence")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="defence", title_fontsize=7)
+    if der:
+        ax = axs.pop(0)
+        names = sorted(der)
+        ax.bar(range(len(names)), [float(np.mean(der[n])) for n in names],
+               yerr=[float(np.std(der[n])) if len(der[n]) > 1 else 0.0 for n in names], capsize=3,
+               color="tab:green", alpha=0.8)
+        ax.set_xticks(range(len(names)), [n[:24] for n in names], rotation=30, ha="right", fontsize=7)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set(ylim=(0, 1), ylabel="DER (0.5: no effect)", title="defence effectiveness (mean over attacks)")
+    for name, param, series in axes_:
+        ax = axs.pop(0)
+        x = [p[0] for p in series]
+        for metric, color in (("asr", "tab:red"), ("clean_acc", "tab:blue")):
+            y = [p[1].get(metric) for p in series]
+            if all(_finite(v) for v in y):
+                ax.errorbar(x, y, yerr=[np.nan_to_num(p[1].get(metric + "_std", 0.0)) for p in series],
+                            marker="o", capsize=2, color=color, label=metric)
+        ax.set(xlabel=f"{name}: {param}", ylim=(0, 1.02), title=f"{name} against {param} (no defence)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

@@ -49,13 +49,26 @@ def as_number(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
+def spreadsheet_safe(text: str) -> str:
+    """``text`` with a leading apostrophe when a spreadsheet would read it as a formula (it starts with
+    = + - @, a tab or a carriage return and is not a number): names from folders and configs are input."""
+    if text and text[0] in "=+-@\t\r":
+        try:
+            float(text)
+        except ValueError:
+            return "'" + text
+    return text
+
+
 def _csv_cell(v: Any) -> Any:
     if isinstance(v, float):
         return "" if v != v else f"{v:.6g}"
     if isinstance(v, (list, tuple)):
-        return " ".join(map(str, v))
+        return spreadsheet_safe(" ".join(map(str, v)))
     if isinstance(v, dict):
         return ""
+    if isinstance(v, str):
+        return spreadsheet_safe(v)
     return "" if v is None else v
 
 

@@ -5,6 +5,11 @@ singular vector; poisoned samples have large squared projections because the
 backdoor shifts them along a common direction. The paper removes the
 ``1.5 * epsilon * n`` highest-scoring samples of each class, epsilon being an
 upper bound on the poisoned fraction.
+
+``centering`` is the paper's class mean by default; with a large in-class poison share the mean is
+pulled toward the poisons and the signature weakens (issue 19 measured a target-class AUROC of 0.84
+against 0.98 for IBM ART's uncentred projection), so the coordinate-wise median ("median", robust
+to any share under a half) and no centring ("none", as ART) are offered too.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import torch
 
 from poisonlab.defenses.base import DEFENSES, DefenseContext, Filter, FilterOutput
 from poisonlab.defenses.filters._common import as_features, class_indices, top_k_mask
-from poisonlab.validate import check_range
+from poisonlab.validate import check_choice, check_range
+
+CENTERINGS = ("mean", "median", "none")
 
 
-def spectral_signature_scores(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+def spectral_signature_scores(features: np.ndarray, labels: np.ndarray, seed: int = 0,
+                              centering: str = "mean") -> np.ndarray:
     """Squared projection of each sample's class-centred features on the class's top singular vector.
 
     The top singular vector comes from a randomised truncated SVD
@@ -27,6 +35,7 @@ def spectral_signature_scores(features: np.ndarray, labels: np.ndarray, seed: in
         features: ``(N, D)`` penultimate features.
         labels: ``(N,)`` given labels.
         seed: seeds the randomised SVD.
+        centering: subtract the class's "mean" (the paper), its coordinate-wise "median", or "none".
 
     Returns:
         ``(N,)`` scores; higher = more suspicious. Comparable within a class only.
@@ -38,7 +47,10 @@ def spectral_signature_scores(features: np.ndarray, labels: np.ndarray, seed: in
         if len(idx) < 2:
             continue
         x = torch.from_numpy(f[idx])
-        x = x - x.mean(0, keepdim=True)
+        if centering == "mean":
+            x = x - x.mean(0, keepdim=True)
+        elif centering == "median":
+            x = x - x.median(0, keepdim=True).values
         _, _, v = torch.svd_lowrank(x, q=min(6, *x.shape), niter=6)
         scores[idx] = (x @ v[:, 0]).double().pow(2).numpy()
     return scores
@@ -62,11 +74,14 @@ class SpectralSignatures(Filter):
             epsilon, (0, 0.66]; 1.5 x that share of every class is dropped. Note a dirty-label
             backdoor poisoning ``rate`` of the whole set concentrates all of it in the target
             class: its share there is about ``rate / (1/K + rate)``.
+        centering: "mean" (the paper's, default), "median" (robust to large in-class poison shares)
+            or "none" (the uncentred projection, as IBM ART).
     """
 
-    def __init__(self, expected_rate: float = 0.1):
+    def __init__(self, expected_rate: float = 0.1, centering: str = "mean"):
         self.expected_rate = float(check_range(expected_rate, "expected_rate", 0, 0.66, lo_open=True))
+        self.centering = check_choice(centering, "centering", CENTERINGS)
 
     def score(self, ctx: DefenseContext) -> FilterOutput:
-        s = spectral_signature_scores(ctx.features(), ctx.train.labels, ctx.seed)
+        s = spectral_signature_scores(ctx.features(), ctx.train.labels, ctx.seed, self.centering)
         return FilterOutput(s, spectral_signature_flags(s, ctx.train.labels, self.expected_rate))
