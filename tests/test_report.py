@@ -43,10 +43,13 @@ def test_report_is_self_contained_with_table_and_plots(grid_dir):
     imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     kinds = set(re.findall(r"<figcaption>([^<]+)</figcaption>", page))
     assert len(imgs) >= 10
+    from poisonlab.report.html import PLOT_TITLES
+
     for k in ("training curves", "confusion matrix (clean test)", "confusion matrix (triggered test)",
-              "clean vs poisoned examples, |difference| amplified", "penultimate features, 2-D PCA (red: poisoned)",
-              "detection scores"):
+              "clean vs poisoned examples, |difference| amplified", PLOT_TITLES["features"], "detection scores"):
         assert k in kinds, k
+    assert "PCA of a sample" in PLOT_TITLES["features"]  # says it is a sample, poisons over-represented
+    assert "<h2>Overview</h2>" in page
     # summary rows: baseline, attack, attack + filter, each over 2 seeds with mean ± std
     summary = page.split('<table id="summary"')[1].split("</table>")[0]
     assert summary.count("<tr") == 1 + 3 and "±" in summary
