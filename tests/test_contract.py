@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from poisonlab.attacks import ATTACKS, Attack
+from poisonlab.attacks import ATTACKS, Attack, Poisoning
 from poisonlab.contract import ContractError, check_attack, check_defense, check_recorded_indices
 from poisonlab.data import ImageSet, load_dataset
 from poisonlab.defenses import DEFENSES
@@ -59,8 +59,9 @@ def test_the_contract_catches_what_it_promises(digits):
             self.rate = rate
             self.patch = size  # stored under another name: params() drops `size`
 
-        def _poison(self, train, rng, context):  # pragma: no cover - never run
-            raise NotImplementedError
+        def _poison(self, train, rng, context):  # pragma: no cover - the contract refuses the class first
+            none = np.array([], dtype=np.int64)
+            return train, Poisoning(attack="forgetful", params=self.params(), indices=none, original_labels=none)
 
     with pytest.raises(ContractError, match="takes size but params\\(\\) does not report"):
         check_parameters("attack", "forgetful", lambda n, **p: Forgetful(**p), Forgetful)

@@ -108,13 +108,14 @@ def check_model_fits(cell: Any, train: Any) -> None:
     ConfigError naming the model and the image shape."""
     import torch
 
+    from poisonlab.data.imageset import float_nchw
     from poisonlab.errors import ConfigError
     from poisonlab.models import build_model_for
 
     m = cell.model
     try:
         model = build_model_for(m.name, train, feature_layer=m.feature_layer, **m.params).eval()
-        x = torch.from_numpy(train.images[:2]).permute(0, 3, 1, 2).float().div(255)
+        x = float_nchw(train.images[:2])
         with torch.no_grad():
             model(x)
     except (RuntimeError, ValueError) as e:
