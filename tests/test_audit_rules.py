@@ -97,3 +97,43 @@ def test_suspicion_score_ranks_flagged_above_unflagged():
     ac = np.array([0.1, -0.5, 1.7])  # activation-clustering scores are clipped to [0, 1]
     s = suspicion_score(flagged, cl, ac)
     assert s.tolist() == [0.55, 0.45, 0.5] and s[0] > s[1:].max()
+
+
+def test_why_suspect_names_the_evidence_of_each_kind():
+    from poisonlab.audit import why_suspect
+
+    names = ["plane", "car", "bird"]
+    trig = why_suspect({"excess_over_median_class": 120.0, "small_share": 0.1, "silhouette": 0.42,
+                        "estimated_poisons": 80}, names, n_trigger=80, n_mislabelled=0)
+    assert "120 images more than the median class" in trig and "10% of the class" in trig and "80 images" in trig
+    by_rank = why_suspect({"excess_over_median_class": 300.0, "by_excess": True}, names, 200, 0)
+    assert "no clean cluster split" in by_rank and "200" in by_rank
+    sub_mode = why_suspect({"excess_over_median_class": 0.0, "small_share": 0.2, "silhouette": 0.3,
+                            "suspicious": False, "decided_by": "size+silhouette"}, names, 0, 0)
+    assert "natural sub-mode" in sub_mode
+    pairs = why_suspect({"systematic_issues_to": {"2": 0.18}}, names, 0, 30)
+    assert "18% of its images are confidently predicted as bird" in pairs
+    assert why_suspect({"excess_over_median_class": 3.0, "small_share": 0.4, "silhouette": 0.1,
+                        "suspicious": False, "decided_by": "silhouette"}, names, 0, 0) == ""
+
+
+def test_trigger_evidence_shows_the_shared_patch_and_the_nearest_flags():
+    from poisonlab.audit import AuditResult, trigger_evidence
+    from poisonlab.data.imageset import ImageSet
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 120, size=(40, 8, 8, 3), dtype=np.uint8)
+    labels = np.repeat([0, 1], 20)
+    images[:6, -2:, -2:] = 255  # six class-0 images share a white corner patch
+    finding = ["trigger" if i < 6 else "" for i in range(40)]
+    ac = np.zeros(40)
+    ac[:6] = [0.5, 0.9, 0.6, 0.8, 0.7, 0.95]
+    data = ImageSet(images, labels, ["a", "b"])
+    res = AuditResult(data=data, score=ac, flagged=ac > 0, finding=finding, reasons=[""] * 40,
+                      suggested=labels, detector_scores={"activation_clustering": ac}, detector_flags={},
+                      cv_pred_probs=np.eye(2)[labels], class_info={})
+    views = trigger_evidence(res, nearest=3)
+    assert [c for c, _, _ in views] == [0]
+    _, diff, nearest = views[0]
+    assert diff[-2:, -2:].min() > 200 > diff[:-2, :-2].max()  # the patch stands out, the rest averages out
+    assert nearest.tolist() == [5, 1, 3]  # highest activation-clustering score first

@@ -473,7 +473,7 @@ def write_html(result: AuditResult, path: Path, max_per_gallery: int = 120) -> N
 
     d = result.data
     parts = [f"<h1>Audit of {html.escape(str(d.meta.get('root', d.name)))}</h1>", _overview(result),
-             _class_table(result)]
+             _class_table(result)] + _trigger_section(result)
     for key, title in FINDINGS.items():
         parts += _gallery(result, key, title, max_per_gallery)
     parts += _unreadable_table(result.unreadable)
@@ -497,7 +497,7 @@ def _class_table(result: AuditResult) -> str:
     names = d.classes
     rows = ["<h2>Per class</h2><table><tr><th>class</th><th>images</th><th>likely mislabelled</th>"
             "<th>likely trigger cluster</th><th>small cluster share</th><th>silhouette</th>"
-            "<th>cross-validated accuracy</th><th>systematic label issues</th></tr>"]
+            "<th>cross-validated accuracy</th><th>systematic label issues</th><th>why suspect</th></tr>"]
     pred = result.cv_pred_probs.argmax(1)
     for c, name in enumerate(names):
         m = d.labels == c
@@ -509,8 +509,83 @@ def _class_table(result: AuditResult) -> str:
                           for j, v in info.get("systematic_issues_to", {}).items() if int(j) < len(names))
         rows.append(f"<tr><td>{e(name)}</td><td>{int(m.sum())}</td><td>{mis}</td>"
                     f"<td{' class=s' if trg else ''}>{trg}</td><td>{info.get('small_share', '')}</td>"
-                    f"<td>{info.get('silhouette', '')}</td><td>{acc:.3f}</td><td>{pairs}</td></tr>")
+                    f"<td>{info.get('silhouette', '')}</td><td>{acc:.3f}</td><td>{pairs}</td>"
+                    f"<td style='text-align:left'>{e(why_suspect(info, names, trg, mis))}</td></tr>")
     return "".join(rows) + "</table>"
+
+
+def why_suspect(info: dict[str, Any], names: list[str], n_trigger: int, n_mislabelled: int) -> str:
+    """One sentence per class: the evidence behind its flags (class excess, cluster split, label-issue pairs),
+    or why a split that was found did not count; empty when there is nothing to say.
+
+    ``info`` is the class's entry of :attr:`AuditResult.class_info`; ``n_trigger`` and ``n_mislabelled``
+    its flagged images by finding.
+    """
+    parts = []
+    excess = info.get("excess_over_median_class")
+    split = (f"activation clustering splits off a small cluster ({100 * info['small_share']:.0f}% of the class, "
+             f"silhouette {info['silhouette']:.2f})" if "small_share" in info and "silhouette" in info else "")
+    if n_trigger and info.get("by_excess"):
+        parts.append(f"holds {excess:.0f} images more than the median class with no clean cluster split; the "
+                     f"{n_trigger} images ranked most atypical by spectral signatures and PCA + k-means are flagged")
+    elif n_trigger:
+        parts.append((f"holds {excess:.0f} images more than the median class, and " if excess is not None else "")
+                     + (split or "a small cluster splits off") + f"; its {n_trigger} images nearest that cluster "
+                     "are flagged as a trigger cluster")
+    elif info.get("suspicious") is False and split and info.get("decided_by") not in ("size", "silhouette"):
+        parts.append(split + ", but the class is not inflated by about the cluster's size, so the cluster is "
+                     "read as a natural sub-mode and not flagged")
+    for j, share in info.get("systematic_issues_to", {}).items():
+        if int(j) < len(names):
+            parts.append(f"{100 * share:.0f}% of its images are confidently predicted as {names[int(j)]} "
+                         "(a systematic label issue)")
+    if n_mislabelled and not info.get("systematic_issues_to"):
+        parts.append(f"{n_mislabelled} images are all but certainly another class")
+    return "; ".join(parts)
+
+
+def trigger_evidence(result: AuditResult, nearest: int = 8) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per class with trigger-cluster flags: ``(class, difference image, nearest)``.
+
+    The difference image is the mean of the class's flagged images minus the mean of its other images,
+    rescaled to uint8 (a patch or blend pattern shared by the flagged images shows up in it; natural
+    content averages out); ``nearest`` are the indices of the flagged images closest to the small
+    cluster (highest activation-clustering score), at most ``nearest`` of them.
+    """
+    d, out = result.data, []
+    trig = np.asarray([f == "trigger" for f in result.finding])
+    ac = result.detector_scores.get("activation_clustering", result.score)
+    for c in np.unique(d.labels[trig]) if trig.any() else []:
+        inside, rest = trig & (d.labels == c), ~trig & (d.labels == c)
+        if not rest.any():
+            continue
+        diff = d.images[inside].astype(np.float32).mean(0) - d.images[rest].astype(np.float32).mean(0)
+        span = float(diff.max() - diff.min())
+        img = ((diff - diff.min()) / span * 255 if span > 0 else np.zeros_like(diff)).astype(np.uint8)
+        idx = np.nonzero(inside)[0]
+        out.append((int(c), img, idx[np.argsort(-ac[idx], kind="stable")[:nearest]]))
+    return out
+
+
+def _trigger_section(result: AuditResult) -> list[str]:
+    from poisonlab.report.page import image_data_uri
+
+    views = trigger_evidence(result)
+    if not views:
+        return []
+    d, e = result.data, html.escape
+    scale = max(1, 96 // max(1, d.shape[0]))
+    parts = ["<h2>Suspected triggers</h2><p>Per class with a likely trigger cluster: the mean of its flagged images "
+             "minus the mean of its other images (a pattern the flagged images share shows up; natural content "
+             "averages out), and the flagged images nearest the cluster.</p>"]
+    for c, diff, nearest in views:
+        parts.append(f"<h3>{e(d.classes[c])}</h3><div class=g><div class=c><img alt='difference' "
+                     f"src='{image_data_uri(diff, scale)}'>flagged minus other images</div>")
+        paths = d.paths or [str(i) for i in range(len(d))]
+        parts += [f"<div class=c><img alt='{e(paths[i])}' src='{image_data_uri(d.images[i], scale)}'>"
+                  f"{e(paths[i])}</div>" for i in nearest]
+        parts.append("</div>")
+    return parts
 
 
 def _gallery(result: AuditResult, key: str, title: str, max_per_gallery: int) -> list[str]:
