@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from poisonlab.attacks import get_attack
-from poisonlab.audit import AuditConfig, combine_evidence, cross_validate
+from poisonlab.audit import AuditConfig, combine_evidence, cross_validate, cv_accuracy
 from poisonlab.data import load_dataset
 from poisonlab.data.imageset import ImageSet
 from poisonlab.utils import atomic_write_json
@@ -227,7 +227,8 @@ QUICK_KINDS = ("patch-br3-10pct", "flip-pairs2-20pct", "clean")
 def cross_validated(folder: Folder, train: ImageSet, test: ImageSet, n: int, cfg: AuditConfig, cache: Path,
                     log: Callable[[str], None]) -> dict[str, np.ndarray]:
     """The folder's cross-validation outputs, from ``cache`` or computed (and cached with seconds and load)."""
-    path = cache / f"{folder.name}-n{n}-f{cfg.folds}-e{cfg.epochs}.npz"
+    model, recipe = cfg.fold_recipe(32)
+    path = cache / f"{folder.name}-n{n}-{model}-f{cfg.folds}-e{recipe.epochs}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -262,7 +263,7 @@ def score(folder: Folder, cv: dict[str, np.ndarray], cfg: AuditConfig) -> dict[s
             "precision": tp / flagged.sum() if flagged.sum() else (1.0 if not truth.sum() else 0.0),
             "recall": tp / truth.sum() if truth.sum() else None,
             "flagged_share": float(flagged.mean()),
-            "cv_accuracy": float((cv["probs"].argmax(1) == cv["labels"]).mean()),
+            "cv_accuracy": cv_accuracy(cv["labels"], cv["probs"]),
             "seconds": float(cv["cv_seconds"]) + det_secs, "load": float(np.max(cv["load"])),
             "flags_without_reason": int(sum(1 for r, f in zip(reasons, flagged) if f and not r))}
 

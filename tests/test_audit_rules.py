@@ -137,3 +137,19 @@ def test_trigger_evidence_shows_the_shared_patch_and_the_nearest_flags():
     _, diff, nearest = views[0]
     assert diff[-2:, -2:].min() > 200 > diff[:-2, :-2].max()  # the patch stands out, the rest averages out
     assert nearest.tolist() == [5, 1, 3]  # highest activation-clustering score first
+
+
+def test_fold_recipe_picks_airnet_where_it_fits_and_keeps_probabilities_unsmoothed():
+    from poisonlab.audit import AIRNET_MIN_SIDE, AuditConfig
+    from poisonlab.errors import ParameterError
+
+    name, recipe = AuditConfig().fold_recipe(32)
+    assert (name, recipe.preset, recipe.epochs, recipe.label_smoothing) == ("airnet", "airbench_quick", 10, 0.0)
+    name, recipe = AuditConfig().fold_recipe(AIRNET_MIN_SIDE - 1)
+    assert name == "fastnet" and recipe.preset is None and recipe.optimizer == "sgd"
+    name, recipe = AuditConfig(model="fastnet", epochs=3, batch_size=64).fold_recipe(32)
+    assert (name, recipe.preset, recipe.epochs, recipe.batch_size) == ("fastnet", None, 3, 64)
+    with pytest.raises(ParameterError, match="preset"):
+        AuditConfig(preset="nope").check()
+    with pytest.raises(ParameterError, match="batch_size"):
+        AuditConfig(batch_size=0).check()

@@ -16,9 +16,10 @@ def register(app: typer.Typer) -> None:
         folder: Path = typer.Argument(..., help="image folder, one sub-folder per class"),
         out: Path = typer.Option(Path("audit"), "--out", "-o", help="output directory"),
         folds: int = typer.Option(4, help="cross-validation folds"),
-        epochs: Optional[int] = typer.Option(None, help="training epochs per fold (default: 20 under bf16 autocast, "
-                                                  "which CPUs with bf16 units use, else 8)"),
-        model: str = typer.Option("fastnet", help="network trained on the folds (see `poisonlab list`)"),
+        epochs: Optional[int] = typer.Option(None, help="training epochs per fold (default: 10 for airnet's recipe; "
+                                                  "fastnet: 20 under bf16 autocast, else 8)"),
+        model: str = typer.Option("auto", help="network trained on the folds (see `poisonlab list`); auto: airnet "
+                                  "with the airbench_quick recipe on images of 16 pixels or more, else fastnet"),
         image_size: int = typer.Option(32, "--image-size", help="images are resized to this square size"),
         grayscale: bool = typer.Option(False, "--grayscale", help="read images as one channel"),
         min_confidence: float = typer.Option(0.55, "--min-confidence",
