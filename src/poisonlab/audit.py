@@ -107,6 +107,7 @@ class AuditConfig:
     ac_size_threshold: float = 0.35
     ac_silhouette_threshold: float = 0.25
     require_class_excess: bool = True
+    unlearned_poisons: bool = True
     bf16: bool | None = None
     seed: int = 0
 
@@ -303,7 +304,9 @@ def estimated_poisons(excess: float, n_classes: int) -> int:
 
 def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: np.ndarray,
                           rank_scores: tuple[np.ndarray, np.ndarray], size_band: tuple[float, float] = (0.5, 2.0),
-                          min_excess_sigmas: float = 3.0, min_excess_share: float = 0.1
+                          min_excess_sigmas: float = 3.0, min_excess_share: float = 0.1,
+                          issues: np.ndarray | None = None, issue_scores: np.ndarray | None = None,
+                          split_sizes: np.ndarray | None = None,
                           ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
     """Activation clustering's flags, kept only where a class is inflated as a dirty-label backdoor inflates it.
 
@@ -315,17 +318,30 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
       2-means' cut, so the :func:`estimated_poisons` images with the highest ``ac_scores`` are flagged;
     - no small cluster, but a clearly inflated class (``e >= max(min_excess_sigmas * sqrt(median),
       min_excess_share * median)``): the excess estimates Tran et al.'s epsilon, so that many
-      images are flagged, ranked by the mean within-class rank of the two ``rank_scores``
-      (spectral signatures, PCA + k-means).
+      images are flagged, ranked by ``ac_scores`` when 2-means' smaller cluster (``split_sizes``,
+      per class, whether or not it passed the silhouette test) is inside the size band (its size
+      agreeing with the excess is evidence of its own), else by the mean within-class rank of the
+      two ``rank_scores`` (spectral signatures, PCA + k-means).
+
+    With ``issues`` (confident learning's label issues) and ``issue_scores`` (1 - p(given label)),
+    a trigger the fold models did not learn is recognised: its poisons still look like their true
+    classes, so they are label issues of the inflated class. When the class's issues beyond the
+    other classes' median rate (:func:`unlearned_poisons`) make up at least half the estimated
+    poisons, the estimate's worth of the class's images with the highest ``issue_scores`` is
+    flagged instead of the cluster or rank choice (on the audit suite's tuning half, a 3x3 patch
+    at 1-3% was not learned by the fold models and sat outside any cluster).
 
     Returns:
         The new flags and, per class (str), the figures to add to the class report
-        (``excess_over_median_class``, ``suspicious``, ``by_excess``, ``estimated_poisons``).
+        (``excess_over_median_class``, ``suspicious``, ``by_excess``, ``estimated_poisons``,
+        ``unlearned_poisons``).
     """
     from poisonlab.defenses.filters import class_indices, top_k_mask
 
     flags = np.asarray(ac_flags, dtype=bool).copy()
     counts, median, n_classes = class_excess(labels)
+    extra = (unlearned_poisons(labels, issues) if issues is not None and issue_scores is not None
+             else np.zeros(len(counts), dtype=int))
     info: dict[str, dict[str, Any]] = {}
     for c, idx in class_indices(labels):
         small = int(flags[idx].sum())
@@ -335,15 +351,50 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
         if small and not (excess > 0 and size_band[0] * excess <= small <= size_band[1] * excess):
             flags[idx] = False
             entry["suspicious"] = False
-        elif small and n_poison:
-            flags[idx] = False
-            flags[idx[top_k_mask(ac_scores[idx], n_poison)]] = True
-            entry["estimated_poisons"] = n_poison
+            continue
+        if small and n_poison:
+            score = ac_scores[idx]
         elif excess >= max(min_excess_sigmas * np.sqrt(median), min_excess_share * median):
-            rank = sum(np.argsort(np.argsort(r[idx])) for r in rank_scores) / 2.0
-            flags[idx[top_k_mask(rank, n_poison)]] = True
-            entry.update(suspicious=True, by_excess=True, estimated_poisons=n_poison)
+            split = int(split_sizes[c]) if split_sizes is not None and c < len(split_sizes) else 0
+            if size_band[0] * excess <= split <= size_band[1] * excess:
+                score = ac_scores[idx]
+                entry["split_matches_excess"] = True
+            else:
+                score = sum(np.argsort(np.argsort(r[idx])) for r in rank_scores) / 2.0
+            entry.update(suspicious=True, by_excess=True)
+        else:
+            continue
+        if issue_scores is not None and 2 * extra[c] >= n_poison:  # an unlearned trigger: rank by label issue
+            score = issue_scores[idx]
+            entry["unlearned_poisons"] = int(extra[c])
+        flags[idx] = False
+        flags[idx[top_k_mask(score, n_poison)]] = True
+        entry["estimated_poisons"] = n_poison
     return flags, info
+
+
+def split_sizes(labels: np.ndarray, class_info: dict[str, dict[str, Any]]) -> np.ndarray:
+    """Per class: the size of activation clustering's smaller 2-means cluster (0 where not split)."""
+    counts = np.bincount(labels, minlength=int(labels.max()) + 1)
+    return np.array([int(round(class_info.get(str(c), {}).get("small_share", 0.0) * counts[c]))
+                     for c in range(len(counts))])
+
+
+def unlearned_poisons(labels: np.ndarray, issues: np.ndarray) -> np.ndarray:
+    """Per class: its label issues beyond what the other classes' median issue rate predicts (>= 0).
+
+    Hard images give every class some label issues; a dirty-label backdoor whose trigger the fold
+    models did not learn adds its poisons (images of other classes) to the target class's issues.
+    """
+    counts = np.bincount(labels, minlength=int(labels.max()) + 1)
+    found = np.bincount(labels[np.asarray(issues, dtype=bool)], minlength=len(counts))
+    rate = found / np.maximum(counts, 1)
+    out = np.zeros(len(counts), dtype=int)
+    for c in np.nonzero(counts)[0]:
+        others = rate[(counts > 0) & (np.arange(len(counts)) != c)]
+        base = float(np.median(others)) if len(others) else 0.0
+        out[c] = max(0, int(round(found[c] - base * counts[c])))
+    return out
 
 
 def systematic_label_issues(labels: np.ndarray, cv_probs: np.ndarray, issues: np.ndarray, suggested: np.ndarray,
@@ -397,8 +448,11 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     ac_flags = f["activation_clustering"]
     excess_info: dict[str, dict[str, Any]] = {}
     if cfg.require_class_excess:
-        ac_flags, excess_info = trigger_cluster_flags(y, ac_flags, s["activation_clustering"],
-                                                      (s["spectral_signatures"], s["pca_kmeans"]))
+        ac_flags, excess_info = trigger_cluster_flags(
+            y, ac_flags, s["activation_clustering"], (s["spectral_signatures"], s["pca_kmeans"]),
+            split_sizes=split_sizes(y, info),
+            **({"issues": f["confident_learning"], "issue_scores": s["confident_learning"]}
+               if cfg.unlearned_poisons else {}))
     else:
         counts, median, _ = class_excess(y)
         excess_info = {str(c): {"excess_over_median_class": round(float(counts[c] - median), 1)}
