@@ -27,7 +27,14 @@ PLOT_TITLES = {"history": "training curves", "confusion": "confusion matrix (cle
                "examples": "clean vs poisoned examples, |difference| amplified",
                "features": "penultimate features, 2-D PCA of a sample of up to 1,000 training images with (up to 300 "
                            "of) the poisons always in, so poisons look more common than they are (red: poisoned)",
-               "scores": "detection scores"}
+               "scores": "detection scores",
+               "per_class": "per-class accuracy on the clean test set, beside the clean baseline (and, for a "
+                            "defence, the undefended poisoned model); the attack's target class in red",
+               "nc_triggers": "Neural Cleanse: the reversed trigger of every class, mask (grey) above mask x "
+                              "pattern, titled with the mask's L1 norm and anomaly index (red: flagged as a "
+                              "backdoor target)",
+               "strip_entropy": "STRIP: entropy of the predictions on blended copies, clean vs triggered test "
+                                "inputs; inputs left of the dashed threshold are rejected"}
 
 _CSS = """
 table{font-size:13px;margin:.5em 0 1.5em}
