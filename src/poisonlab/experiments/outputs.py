@@ -107,6 +107,8 @@ class RunWriter:
         atomic_write_json(self.out / "runs" / f"{run.name}.json", {"row": row, **detail})
 
     # ----------------------------------------------------------- plots
+    # Plot titles leave the run's name out: the report's section and the file name carry it, and a long
+    # run name in a title widened every figure until its labels were too small to read.
     def _rel(self, p: Path) -> str:
         return str(Path(p).relative_to(self.out))
 
@@ -120,18 +122,18 @@ class RunWriter:
         pdir = self.out / "plots"
         files = {}
         if history:
-            files["history"] = self._rel(P.plot_history(history, pdir / f"{run}_history.png", run))
+            files["history"] = self._rel(P.plot_history(history, pdir / f"{run}_history.png", "training curves"))
         series = [(label, pm["per_class_acc"]) for label, pm in per_class
                   if pm is not None and len(pm.get("per_class_acc") or ()) == len(classes)]
         if series:
             files["per_class"] = self._rel(P.plot_per_class_accuracy(
-                series, classes, pdir / f"{run}_per_class.png", f"{run}: per-class accuracy", target))
+                series, classes, pdir / f"{run}_per_class.png", "per-class accuracy", target))
         files["confusion"] = self._rel(P.plot_confusion(np.array(m["confusion"]), classes,
-                                                        pdir / f"{run}_confusion.png", f"{run}: clean test"))
+                                                        pdir / f"{run}_confusion.png", "clean test"))
         if "confusion_triggered" in m:
             files["confusion_triggered"] = self._rel(P.plot_confusion(
                 np.array(m["confusion_triggered"]), classes, pdir / f"{run}_confusion_triggered.png",
-                f"{run}: triggered test"))
+                "triggered test"))
         return files
 
     def _attack_plots(self, run: Run, victim: "Victim", clean: Any, baseline: dict[str, Any] | None
@@ -153,8 +155,8 @@ class RunWriter:
         if "pca_xy" in view:
             mask = record.poison_mask(len(poisoned))[view["pca_idx"]]
             files["features"] = self._rel(P.plot_feature_views(
-                [("poisoned model, all training samples", view["pca_xy"], mask)],
-                self.out / "plots" / f"{run.name}_features.png", f"{run.name}: penultimate features (PCA)"))
+                [("poisoned model, a sample (poisons over-represented)", view["pca_xy"], mask)],
+                self.out / "plots" / f"{run.name}_features.png", "penultimate features (PCA)"))
         return files
 
     def _defense_plots(self, run: Run, victim: "Victim", defended: "Defended", classes: list[str],
@@ -183,7 +185,7 @@ class RunWriter:
             views.append(("after: kept samples (poisoned model)", vic["pca_xy"][keep], mask[vic["pca_idx"]][keep]))
         if views:
             files["features"] = self._rel(P.plot_feature_views(
-                views, self.out / "plots" / f"{run.name}_features.png", f"{run.name}: penultimate features (PCA)"))
+                views, self.out / "plots" / f"{run.name}_features.png", "penultimate features (PCA)"))
         return files
 
     def _defense_array_plots(self, run: Run, defended: "Defended", classes: list[str]) -> dict[str, str]:
@@ -200,11 +202,11 @@ class RunWriter:
                 and isinstance(l1, list) and isinstance(index, list) and len(l1) == len(index) == k):
             files["nc_triggers"] = self._rel(P.plot_reversed_triggers(
                 masks, pats, classes, l1, index, dm.get("flagged_classes") or [], pdir / f"{run.name}_nc_triggers.png",
-                f"{run.name}: Neural Cleanse reversed triggers"))
+                "Neural Cleanse: reversed trigger per class"))
         ent, thr = arr.get("strip_ent_clean"), dm.get("threshold")
         if ent is not None and ent.ndim == 1 and len(ent) and isinstance(thr, (int, float)):
             trig = arr.get("strip_ent_trig")
             files["strip_entropy"] = self._rel(P.plot_strip_entropy(
                 ent, trig if trig is not None and trig.ndim == 1 else None, float(thr),
-                pdir / f"{run.name}_strip_entropy.png", f"{run.name}: STRIP entropy"))
+                pdir / f"{run.name}_strip_entropy.png", "STRIP: entropy of blended test inputs"))
         return files

@@ -44,8 +44,9 @@ th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 td.t,th.t{text-align:left}tr.err td{background:#fee}
 details{margin:.4em 0;border:1px solid #ddd;border-radius:4px;padding:.3em .6em}
 summary{cursor:pointer;font-weight:600}
-figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:12px;color:#555}
-img{max-width:640px;border:1px solid #eee}.wrap{overflow-x:auto}.note{color:#666;font-size:13px}
+figure{display:inline-table;margin:.5em;vertical-align:top}
+figcaption{display:table-caption;caption-side:bottom;font-size:12px;color:#555;padding-top:2px}
+img{max-width:100%;border:1px solid #eee}.wrap{overflow-x:auto}.note{color:#666;font-size:13px}
 """
 
 # Click a header to sort by that column (numbers numerically via data-v, text otherwise); click again to reverse.

@@ -48,7 +48,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLi
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(0.55 * k + 2, 0.55 * k + 1.5))
+    fig, ax = plt.subplots(figsize=(0.45 * k + 1.8, 0.45 * k + 1.4))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
@@ -127,7 +127,7 @@ def plot_per_class_accuracy(series: Sequence[tuple[str, Sequence[float]]], class
     marked in red so its drop or rise against the others is visible. NaN (a class absent from the test set)
     draws no bar."""
     k, n = len(classes), max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(min(max(5.0, 0.28 * k * n + 1.5), 16), 3.4))
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 0.22 * k * n + 1.8), 16), 3.2))
     width = 0.8 / n
     colors = ["#9e9e9e", "tab:red", "tab:blue", "tab:green", "tab:purple"]
     x = np.arange(k)
@@ -229,6 +229,17 @@ def _label_params(label: str) -> tuple[str, dict[str, str]]:
     return name, params
 
 
+def _wrap_label(text: str, width: int = 22, lines: int = 3) -> str:
+    """``text`` wrapped at ``width`` characters (breaking after commas), at most ``lines`` lines."""
+    import textwrap
+
+    parts = textwrap.wrap(str(text).replace(",", ", "), width) or [""]
+    if len(parts) > lines:
+        parts = parts[:lines]
+        parts[-1] = parts[-1][: width - 1] + "\u2026"
+    return "\n".join(p.replace(", ", ",") for p in parts)
+
+
 def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and v == v
 
@@ -280,14 +291,15 @@ def overview_png(summary: Sequence[dict]) -> bytes | None:
                         fmt=markers[j % len(markers)], ms=6, capsize=2, label=d, alpha=0.85)
         ax.set(xlabel="clean accuracy", ylabel="attack success rate", title="every attack and defence")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="defence", title_fontsize=7)
+        ax.legend(fontsize=8, title="defence", title_fontsize=8)
     if der:
         ax = axs.pop(0)
         names = sorted(der)
         ax.bar(range(len(names)), [float(np.mean(der[n])) for n in names],
                yerr=[float(np.std(der[n])) if len(der[n]) > 1 else 0.0 for n in names], capsize=3,
                color="tab:green", alpha=0.8)
-        ax.set_xticks(range(len(names)), [n[:24] for n in names], rotation=30, ha="right", fontsize=7)
+        # whole labels, wrapped: "neural_cleanse(epochs=2," cut at 24 characters hid the settings
+        ax.set_xticks(range(len(names)), [_wrap_label(n) for n in names], rotation=25, ha="right", fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set(ylim=(0, 1), ylabel="DER (0.5: no effect)", title="defence effectiveness (mean over attacks)")
     for name, param, series in axes_:
