@@ -146,7 +146,7 @@ def plot_per_class_accuracy(series: Sequence[tuple[str, Sequence[float]]], class
            title=title + (f" (target: {classes[target]})" if target is not None and 0 <= target < k else ""))
     ax.title.set_fontsize(10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: bars stay visible
     return save_figure(fig, path)
 
 
