@@ -76,6 +76,10 @@ def test_neural_cleanse_flags_the_target_and_unlearns(digits, poisoned):
     m = res.metrics
     assert m["flagged_classes"] == [0], m
     assert m["anomaly_index"][0] > 2 and np.argmin(m["mask_l1"]) == 0
+    # the reversed masks and patterns travel with the result (uint8) for the report's plot
+    mask, pattern = res.arrays["nc_mask"], res.arrays["nc_pattern"]
+    assert mask.dtype == pattern.dtype == np.uint8 and mask.shape == (10, 8, 8) and pattern.shape == (10, 8, 8, 1)
+    assert np.argmin(mask.astype(int).sum((1, 2))) == 0
     assert after["asr"] < before["asr"] - 0.5
     assert after["clean_acc"] > before["clean_acc"] - 0.1
 
@@ -92,6 +96,11 @@ def test_strip_separates_triggered_from_clean(digits, poisoned):
     m = res.metrics
     assert m["det_auroc"] > 0.9 and m["far"] < 0.3 and m["frr"] < 0.15, m
     assert after["asr"] < 0.3  # the gate rejects most triggered inputs
+    # the entropies behind the metrics travel with the result for the report's histogram
+    ec, et = res.arrays["strip_ent_clean"], res.arrays["strip_ent_trig"]
+    assert ec.shape == (len(te),) and et.shape == (int(keep.sum()),)
+    assert (ec < m["threshold"]).mean() == pytest.approx(m["frr"])
+    assert (et >= m["threshold"]).mean() == pytest.approx(m["far"])
     res_off, after_off, _ = _run("strip", digits, poisoned, n=16, frr=0.05, reject=False)
     assert res_off.model is model and after_off["asr"] == pytest.approx(before["asr"])
 

@@ -93,12 +93,24 @@ class DefenseContext:
 
 @dataclass
 class DefenseResult:
-    """A defence's output: the model to evaluate, and metrics of its own (detection, timing ...)."""
+    """A defence's output: the model to evaluate, and metrics of its own (detection, timing ...).
+
+    Attributes:
+        model: the model the runner evaluates.
+        metrics: JSON-able figures of the defence's own (detection, timing ...).
+        kept: filters: boolean mask of the kept training samples.
+        scores: filters: suspicion score per training sample.
+        arrays: arrays for plots and analysis, cached with the run (e.g. Neural Cleanse's reversed masks,
+            STRIP's entropies). Names are namespaced by the defence (``nc_mask``, ``strip_ent_clean``) and
+            must not be ``kept``, ``scores`` or start with ``after_`` (the runner's own); keep them small
+            (uint8 or float16 images, one float per test image).
+    """
 
     model: nn.Module
     metrics: dict[str, Any] = field(default_factory=dict)
-    kept: np.ndarray | None = None  # filters: boolean mask of kept training samples
-    scores: np.ndarray | None = None  # filters: suspicion score per training sample
+    kept: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Defense(ABC):

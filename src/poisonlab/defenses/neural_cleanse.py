@@ -122,7 +122,9 @@ class NeuralCleanse(Defense):
     kept. Output: that copy, or ``ctx.model`` unchanged when nothing is flagged.
 
     Metrics: ``anomaly_index``, ``mask_l1`` and ``reverse_success`` per class,
-    ``flagged_classes``, ``n_flagged``, ``reverse_seconds``.
+    ``flagged_classes``, ``n_flagged``, ``reverse_seconds``. Arrays (for the
+    report's plot): ``nc_mask`` (K, H, W) and ``nc_pattern`` (K, H, W, C), the
+    reversed mask and pattern of every class as uint8 (0-255 for [0, 1]).
 
     Args:
         steps: optimisation steps (each over all classes at once).
@@ -169,8 +171,10 @@ class NeuralCleanse(Defense):
                    "reverse_seconds": secs}
         if ctx.poisoning is not None and ctx.poisoning.target_class is not None:  # metric only
             metrics["target_flagged"] = bool(ctx.poisoning.target_class in flagged)
+        # uint8 keeps the cached copy small (K images per array); the plot needs no more precision
+        arrays = {"nc_mask": to_uint8_nhwc(rev.masks)[..., 0], "nc_pattern": to_uint8_nhwc(rev.patterns)}
         if not len(flagged):
-            return DefenseResult(model=ctx.model, metrics=metrics)
+            return DefenseResult(model=ctx.model, metrics=metrics, arrays=arrays)
         idx = pick(len(clean), self.unlearn_rate, ctx.seed)
         x = clean.float_tensor(device)[torch.from_numpy(idx)]
         which = torch.from_numpy(flagged[np.arange(len(idx)) % len(flagged)])  # spread over flagged classes
@@ -180,4 +184,4 @@ class NeuralCleanse(Defense):
                                     lr=self.lr_finetune, batch_size=self.batch_size_finetune, seed=ctx.seed,
                                     progress=ctx.progress, description="neural cleanse unlearning")
         metrics.update(n_unlearn=int(len(idx)), finetune_loss=hist[-1]["loss"])
-        return DefenseResult(model=model, metrics=metrics)
+        return DefenseResult(model=model, metrics=metrics, arrays=arrays)

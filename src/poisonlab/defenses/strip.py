@@ -132,6 +132,9 @@ class Strip(Defense):
     the triggered test images for measuring only): ``threshold``, ``frr`` (clean
     test images flagged), ``far`` (triggered non-target test images NOT flagged),
     ``det_auroc`` (entropy separating clean from triggered), mean entropies.
+    Arrays (for the report's histogram): ``strip_ent_clean`` (entropy of every
+    clean test image) and, with a trigger, ``strip_ent_trig`` (of every
+    triggered non-target test image), float32.
 
     Args:
         n: blended copies per input (paper: 100; 20 is a CPU-friendly default).
@@ -172,6 +175,7 @@ class Strip(Defense):
         ent_clean = self._score(guard, ctx.test.images)
         metrics.update(frr=float((ent_clean < threshold).mean()), entropy_clean_mean=float(ent_clean.mean()),
                        test_images=len(ctx.test), test_score_seconds=time.perf_counter() - t0)
+        arrays = {"strip_ent_clean": ent_clean.astype(np.float32)}
         p = ctx.poisoning
         if p is not None and p.has_trigger:  # measuring only: the defence never sees the trigger
             ent_trig = self._score(guard, p.apply_trigger(ctx.test.images))
@@ -182,7 +186,8 @@ class Strip(Defense):
             metrics.update(far=float((ent_trig >= threshold).mean()), entropy_triggered_mean=float(ent_trig.mean()),
                            det_auroc=float(roc_auc_score(np.r_[np.zeros(len(ent_clean)), np.ones(len(ent_trig))],
                                                          -np.r_[ent_clean, ent_trig])))
-        return DefenseResult(model=guard if self.reject else ctx.model, metrics=metrics)
+            arrays["strip_ent_trig"] = ent_trig.astype(np.float32)
+        return DefenseResult(model=guard if self.reject else ctx.model, metrics=metrics, arrays=arrays)
 
     @staticmethod
     def _score(guard: StripGuard, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:

@@ -67,7 +67,7 @@ class RunWriter:
     def baseline(self, run: Run, clean: "Trained", classes: list[str]) -> dict[str, Any]:
         m = clean.metrics
         row = self.base_row(run) | row_metrics(m) | {"n_poisoned": 0, "train_seconds": clean.seconds}
-        files = self._common_plots(run.name, clean.history, m, classes) if self.plots else {}
+        files = self._common_plots(run.name, clean.history, m, classes, [("clean model", m)]) if self.plots else {}
         self._write_json(run, row, {"metrics": m, "history": clean.history, "plots": files})
         return row
 
@@ -77,7 +77,7 @@ class RunWriter:
         m = victim.metrics
         row = (self.base_row(run) | self._poisoning_columns(victim) | row_metrics(m) | deltas(m, baseline)
                | stealth_columns(victim.stealth))
-        files = self._attack_plots(run, victim, clean_train) if self.plots else {}
+        files = self._attack_plots(run, victim, clean_train, baseline) if self.plots else {}
         self._write_json(run, row, {"metrics": m, "history": victim.history, "poisoning": victim.poisoning,
                                     "stealth": victim.stealth, "victim": victim.kind, "plots": files})
         return row
@@ -94,7 +94,7 @@ class RunWriter:
         record = victim.poisoned.record
         if record.has_trigger or record.target_indices is not None:
             row["der"] = defense_effectiveness_rating(vm["asr"], dm["asr"], vm["clean_acc"], dm["clean_acc"])
-        files = self._defense_plots(run, victim, defended, classes) if self.plots else {}
+        files = self._defense_plots(run, victim, defended, classes, baseline) if self.plots else {}
         self._write_json(run, row, {"metrics": dm, "defense_metrics": dmet, "plots": files})
         return row
 
@@ -107,29 +107,43 @@ class RunWriter:
         atomic_write_json(self.out / "runs" / f"{run.name}.json", {"row": row, **detail})
 
     # ----------------------------------------------------------- plots
+    # Plot titles leave the run's name out: the report's section and the file name carry it, and a long
+    # run name in a title widened every figure until its labels were too small to read.
     def _rel(self, p: Path) -> str:
         return str(Path(p).relative_to(self.out))
 
-    def _common_plots(self, run: str, history: list | None, m: dict[str, Any], classes: list[str]) -> dict[str, str]:
+    def _common_plots(self, run: str, history: list | None, m: dict[str, Any], classes: list[str],
+                      per_class: list[tuple[str, dict[str, Any] | None]], target: int | None = None
+                      ) -> dict[str, str]:
+        """Training curves, confusion matrices and per-class accuracy bars of the metrics in ``per_class``
+        (``[(label, metrics or None)]``: the run's own beside the baseline's; a None or short one is left out)."""
         from poisonlab.report import plots as P
 
         pdir = self.out / "plots"
         files = {}
         if history:
-            files["history"] = self._rel(P.plot_history(history, pdir / f"{run}_history.png", run))
+            files["history"] = self._rel(P.plot_history(history, pdir / f"{run}_history.png", "training curves"))
+        series = [(label, pm["per_class_acc"]) for label, pm in per_class
+                  if pm is not None and len(pm.get("per_class_acc") or ()) == len(classes)]
+        if series:
+            files["per_class"] = self._rel(P.plot_per_class_accuracy(
+                series, classes, pdir / f"{run}_per_class.png", "per-class accuracy", target))
         files["confusion"] = self._rel(P.plot_confusion(np.array(m["confusion"]), classes,
-                                                        pdir / f"{run}_confusion.png", f"{run}: clean test"))
+                                                        pdir / f"{run}_confusion.png", "clean test"))
         if "confusion_triggered" in m:
             files["confusion_triggered"] = self._rel(P.plot_confusion(
                 np.array(m["confusion_triggered"]), classes, pdir / f"{run}_confusion_triggered.png",
-                f"{run}: triggered test"))
+                "triggered test"))
         return files
 
-    def _attack_plots(self, run: Run, victim: "Victim", clean: Any) -> dict[str, str]:
+    def _attack_plots(self, run: Run, victim: "Victim", clean: Any, baseline: dict[str, Any] | None
+                      ) -> dict[str, str]:
         from poisonlab.report import plots as P
 
         poisoned, record = victim.poisoned.train, victim.poisoned.record
-        files = self._common_plots(run.name, victim.history, victim.metrics, clean.classes)
+        files = self._common_plots(run.name, victim.history, victim.metrics, clean.classes,
+                                   [("clean baseline", baseline), ("poisoned model", victim.metrics)],
+                                   record.target_class)
         idx = record.indices[:8]
         if len(idx) and len(poisoned) == len(clean):
             names = clean.classes
@@ -141,14 +155,18 @@ class RunWriter:
         if "pca_xy" in view:
             mask = record.poison_mask(len(poisoned))[view["pca_idx"]]
             files["features"] = self._rel(P.plot_feature_views(
-                [("poisoned model, all training samples", view["pca_xy"], mask)],
-                self.out / "plots" / f"{run.name}_features.png", f"{run.name}: penultimate features (PCA)"))
+                [("poisoned model, a sample (poisons over-represented)", view["pca_xy"], mask)],
+                self.out / "plots" / f"{run.name}_features.png", "penultimate features (PCA)"))
         return files
 
-    def _defense_plots(self, run: Run, victim: "Victim", defended: "Defended", classes: list[str]) -> dict[str, str]:
+    def _defense_plots(self, run: Run, victim: "Victim", defended: "Defended", classes: list[str],
+                       baseline: dict[str, Any] | None) -> dict[str, str]:
         from poisonlab.report import plots as P
 
-        files = self._common_plots(run.name, None, defended.metrics, classes)
+        files = self._common_plots(run.name, None, defended.metrics, classes,
+                                   [("clean baseline", baseline), ("poisoned, no defence", victim.metrics),
+                                    ("defended", defended.metrics)], victim.poisoned.record.target_class)
+        files |= self._defense_array_plots(run, defended, classes)
         poisoned, arr, vic = victim.poisoned.train, defended.arrays, victim.view
         mask = victim.poisoned.record.poison_mask(len(poisoned))
         if "scores" in arr and len(arr["scores"]) == len(poisoned):
@@ -167,5 +185,28 @@ class RunWriter:
             views.append(("after: kept samples (poisoned model)", vic["pca_xy"][keep], mask[vic["pca_idx"]][keep]))
         if views:
             files["features"] = self._rel(P.plot_feature_views(
-                views, self.out / "plots" / f"{run.name}_features.png", f"{run.name}: penultimate features (PCA)"))
+                views, self.out / "plots" / f"{run.name}_features.png", "penultimate features (PCA)"))
+        return files
+
+    def _defense_array_plots(self, run: Run, defended: "Defended", classes: list[str]) -> dict[str, str]:
+        """Plots of a defence's own arrays (Neural Cleanse's reversed triggers, STRIP's entropies). A cache
+        entry written before these arrays existed, or one whose arrays do not match the metrics, has none."""
+        from poisonlab.report import plots as P
+
+        arr, dm, pdir, files = defended.arrays, defended.defense_metrics, self.out / "plots", {}
+        k = len(classes)
+        masks, pats = arr.get("nc_mask"), arr.get("nc_pattern")
+        l1, index = dm.get("mask_l1"), dm.get("anomaly_index")
+        if (masks is not None and pats is not None and masks.ndim == 3 and pats.ndim == 4
+                and len(masks) == len(pats) == k and masks.shape[1:] == pats.shape[1:3]
+                and isinstance(l1, list) and isinstance(index, list) and len(l1) == len(index) == k):
+            files["nc_triggers"] = self._rel(P.plot_reversed_triggers(
+                masks, pats, classes, l1, index, dm.get("flagged_classes") or [], pdir / f"{run.name}_nc_triggers.png",
+                "Neural Cleanse: reversed trigger per class"))
+        ent, thr = arr.get("strip_ent_clean"), dm.get("threshold")
+        if ent is not None and ent.ndim == 1 and len(ent) and isinstance(thr, (int, float)):
+            trig = arr.get("strip_ent_trig")
+            files["strip_entropy"] = self._rel(P.plot_strip_entropy(
+                ent, trig if trig is not None and trig.ndim == 1 else None, float(thr),
+                pdir / f"{run.name}_strip_entropy.png", "STRIP: entropy of blended test inputs"))
         return files

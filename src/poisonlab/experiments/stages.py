@@ -85,7 +85,9 @@ class Defended:
     metrics: dict[str, Any]
     defense_metrics: dict[str, Any]
     seconds: float
-    arrays: dict[str, np.ndarray]  # kept, scores, after_idx, after_xy (each when the defence has it)
+    # kept, scores, after_idx, after_xy (each when the defence has it), and the defence's own
+    # DefenseResult.arrays (nc_mask, strip_ent_clean, ...; absent from caches written before them)
+    arrays: dict[str, np.ndarray]
 
 
 def dataset_splits(d: DatasetConfig, data_dir: str | None = None) -> Splits:
@@ -273,6 +275,15 @@ class Workspace:
         seconds = time.perf_counter() - t0
         metrics = evaluate(result.model, data.test, record, tta=cell.training.tta)
         arrays: dict[str, np.ndarray] = {}
+        for name, a in result.arrays.items():
+            if name in ("kept", "scores") or name.startswith("after_"):  # the runner's own names below
+                raise ValueError(f"defence {run.defense.label}: DefenseResult.arrays may not use the name "
+                                 f"{name!r} (reserved: kept, scores, after_*)")
+            a = np.asarray(a)
+            if a.dtype.kind not in "biuf":  # the cache stores npz read without pickle
+                raise ValueError(f"defence {run.defense.label}: DefenseResult.arrays[{name!r}] has dtype {a.dtype}; "
+                                 "only bool, integer and float arrays are cached")
+            arrays[name] = a
         if result.kept is not None:
             arrays["kept"] = np.asarray(result.kept, dtype=bool)
         if result.scores is not None:

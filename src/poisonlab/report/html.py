@@ -27,7 +27,14 @@ PLOT_TITLES = {"history": "training curves", "confusion": "confusion matrix (cle
                "examples": "clean vs poisoned examples, |difference| amplified",
                "features": "penultimate features, 2-D PCA of a sample of up to 1,000 training images with (up to 300 "
                            "of) the poisons always in, so poisons look more common than they are (red: poisoned)",
-               "scores": "detection scores"}
+               "scores": "detection scores",
+               "per_class": "per-class accuracy on the clean test set, beside the clean baseline (and, for a "
+                            "defence, the undefended poisoned model); the attack's target class in red",
+               "nc_triggers": "Neural Cleanse: the reversed trigger of every class, mask (grey) above mask x "
+                              "pattern, titled with the mask's L1 norm and anomaly index (red: flagged as a "
+                              "backdoor target)",
+               "strip_entropy": "STRIP: entropy of the predictions on blended copies, clean vs triggered test "
+                                "inputs; inputs left of the dashed threshold are rejected"}
 
 _CSS = """
 table{font-size:13px;margin:.5em 0 1.5em}
@@ -37,8 +44,9 @@ th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 td.t,th.t{text-align:left}tr.err td{background:#fee}
 details{margin:.4em 0;border:1px solid #ddd;border-radius:4px;padding:.3em .6em}
 summary{cursor:pointer;font-weight:600}
-figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:12px;color:#555}
-img{max-width:640px;border:1px solid #eee}.wrap{overflow-x:auto}.note{color:#666;font-size:13px}
+figure{display:inline-table;margin:.5em;vertical-align:top}
+figcaption{display:table-caption;caption-side:bottom;font-size:12px;color:#555;padding-top:2px}
+img{max-width:100%;border:1px solid #eee}.wrap{overflow-x:auto}.note{color:#666;font-size:13px}
 """
 
 # Click a header to sort by that column (numbers numerically via data-v, text otherwise); click again to reverse.

@@ -48,7 +48,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLi
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(0.55 * k + 2, 0.55 * k + 1.5))
+    fig, ax = plt.subplots(figsize=(0.45 * k + 1.8, 0.45 * k + 1.4))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
@@ -120,6 +120,104 @@ def plot_score_histogram(scores: np.ndarray, is_poison: np.ndarray, path: str | 
     return save_figure(fig, path)
 
 
+def plot_per_class_accuracy(series: Sequence[tuple[str, Sequence[float]]], classes: Sequence[str],
+                            path: str | os.PathLike[str], title: str = "", target: int | None = None) -> Path:
+    """Grouped bars of per-class accuracy: ``series`` is ``[(label, accuracy per class (K,)), ...]`` (e.g. the
+    clean baseline, the poisoned model, the defended one); ``target`` (the attack's target class, if any) is
+    marked in red so its drop or rise against the others is visible. NaN (a class absent from the test set)
+    draws no bar."""
+    k, n = len(classes), max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 0.22 * k * n + 1.8), 16), 3.2))
+    width = 0.8 / n
+    colors = ["#9e9e9e", "tab:red", "tab:blue", "tab:green", "tab:purple"]
+    x = np.arange(k)
+    for j, (label, acc) in enumerate(series):
+        ax.bar(x + (j - (n - 1) / 2) * width, np.asarray(acc, dtype=np.float64), width, label=label,
+               color=colors[j % len(colors)], alpha=0.85)
+    names = [str(c)[:16] for c in classes]
+    tilt = k > 12 or max(map(len, names), default=0) > 3  # short labels (digits) stay upright
+    ax.set_xticks(x, names, rotation=45 if tilt else 0, ha="right" if tilt else "center", fontsize=8)
+    if target is not None and 0 <= target < k:
+        tick = ax.get_xticklabels()[target]
+        tick.set_color("tab:red")
+        tick.set_fontweight("bold")
+        ax.axvspan(target - 0.5, target + 0.5, color="tab:red", alpha=0.08, lw=0)
+    ax.set(ylim=(0, 1.05), xlim=(-0.6, k - 0.4), ylabel="accuracy (clean test)",
+           title=title + (f" (target: {classes[target]})" if target is not None and 0 <= target < k else ""))
+    ax.title.set_fontsize(10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: bars stay visible
+    return save_figure(fig, path)
+
+
+def plot_reversed_triggers(masks: np.ndarray, patterns: np.ndarray, classes: Sequence[str], l1: Sequence[float],
+                           anomaly: Sequence[float], flagged: Sequence[int], path: str | os.PathLike[str],
+                           title: str = "", per_row: int = 10) -> Path:
+    """Neural Cleanse's reversed trigger of every class: the mask (grey, ``masks`` (K, H, W)) above
+    mask x pattern (``patterns`` (K, H, W, C)); both uint8 (0-255 for [0, 1]) or float in [0, 1]. Each column
+    is titled with the class, the mask's L1 norm and its anomaly index; ``flagged`` classes get a red title.
+    More than ``per_row`` classes wrap onto further rows."""
+    def unit(a: np.ndarray) -> np.ndarray:  # uint8 storage -> [0, 1]
+        a = np.asarray(a)
+        return a.astype(np.float32) / 255 if a.dtype.kind in "iu" else np.clip(a.astype(np.float32), 0, 1)
+
+    m, pat = unit(masks), unit(patterns)
+    k = len(m)
+    cols = min(k, per_row)
+    blocks = -(-k // cols)
+    # constrained layout gives the three-line titles and the suptitle their room; one sub-figure per row of
+    # classes keeps each mask right above its stamp
+    fig = plt.figure(figsize=(1.3 * cols + 0.5, 3.1 * blocks + 0.4), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.02, w_pad=0.02, hspace=0.0, wspace=0.02)
+    subs = np.atleast_1d(fig.subfigures(blocks, 1))
+    bad = {int(c) for c in flagged}
+    for b, sub in enumerate(subs):
+        axes = sub.subplots(2, cols, squeeze=False)
+        for a in axes.ravel():
+            a.set_xticks([])
+            a.set_yticks([])
+            for sp in a.spines.values():
+                sp.set_visible(False)
+        axes[0, 0].set_ylabel("mask", fontsize=8)
+        axes[1, 0].set_ylabel("mask x pattern", fontsize=8)
+        for j in range(cols):
+            i = b * cols + j
+            if i >= k:
+                axes[0, j].axis("off")
+                axes[1, j].axis("off")
+                continue
+            axes[0, j].imshow(m[i], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            stamp = m[i][..., None] * pat[i]
+            axes[1, j].imshow(stamp[..., 0] if stamp.shape[-1] == 1 else stamp,
+                              cmap="gray" if stamp.shape[-1] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+            flag = i in bad
+            axes[0, j].set_title(f"{str(classes[i])[:12]}{' (flagged)' if flag else ''}\nL1 {l1[i]:.1f}\n"
+                                 f"anomaly {anomaly[i]:.2f}", fontsize=8, color="tab:red" if flag else "black",
+                                 fontweight="bold" if flag else "normal")
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_strip_entropy(ent_clean: np.ndarray, ent_trig: np.ndarray | None, threshold: float,
+                       path: str | os.PathLike[str], title: str = "") -> Path:
+    """STRIP's entropy histograms: clean test inputs against triggered ones (when there are), with the
+    rejection threshold (inputs below it are rejected as triggered) as a vertical line."""
+    c = np.nan_to_num(np.asarray(ent_clean, dtype=np.float64))
+    t = None if ent_trig is None else np.nan_to_num(np.asarray(ent_trig, dtype=np.float64))
+    both = c if t is None else np.r_[c, t]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    bins = np.histogram_bin_edges(np.r_[both, threshold], bins=40) if np.ptp(np.r_[both, threshold]) > 0 else 10
+    ax.hist(c, bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({len(c)})", density=True)
+    if t is not None and len(t):
+        ax.hist(t, bins=bins, alpha=0.6, color="tab:red", label=f"triggered ({len(t)})", density=True)
+    ax.axvline(threshold, color="black", ls="--", lw=1.2, label=f"threshold {threshold:.3g}")
+    ax.set(xlabel="mean entropy of blended copies (nats; low = rejected)", ylabel="density", title=title)
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def _label_params(label: str) -> tuple[str, dict[str, str]]:
     """``"badnets(rate=0.1,size=3)"`` -> ``("badnets", {"rate": "0.1", "size": "3"})`` (run labels)."""
     name, _, rest = str(label).partition("(")
@@ -129,6 +227,17 @@ def _label_params(label: str) -> tuple[str, dict[str, str]]:
         if eq:
             params[k.strip()] = v.strip()
     return name, params
+
+
+def _wrap_label(text: str, width: int = 22, lines: int = 3) -> str:
+    """``text`` wrapped at ``width`` characters (breaking after commas), at most ``lines`` lines."""
+    import textwrap
+
+    parts = textwrap.wrap(str(text).replace(",", ", "), width) or [""]
+    if len(parts) > lines:
+        parts = parts[:lines]
+        parts[-1] = parts[-1][: width - 1] + "\u2026"
+    return "\n".join(p.replace(", ", ",") for p in parts)
 
 
 def _finite(v: object) -> bool:
@@ -182,14 +291,15 @@ def overview_png(summary: Sequence[dict]) -> bytes | None:
                         fmt=markers[j % len(markers)], ms=6, capsize=2, label=d, alpha=0.85)
         ax.set(xlabel="clean accuracy", ylabel="attack success rate", title="every attack and defence")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="defence", title_fontsize=7)
+        ax.legend(fontsize=8, title="defence", title_fontsize=8)
     if der:
         ax = axs.pop(0)
         names = sorted(der)
         ax.bar(range(len(names)), [float(np.mean(der[n])) for n in names],
                yerr=[float(np.std(der[n])) if len(der[n]) > 1 else 0.0 for n in names], capsize=3,
                color="tab:green", alpha=0.8)
-        ax.set_xticks(range(len(names)), [n[:24] for n in names], rotation=30, ha="right", fontsize=7)
+        # whole labels, wrapped: "neural_cleanse(epochs=2," cut at 24 characters hid the settings
+        ax.set_xticks(range(len(names)), [_wrap_label(n) for n in names], rotation=25, ha="right", fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set(ylim=(0, 1), ylabel="DER (0.5: no effect)", title="defence effectiveness (mean over attacks)")
     for name, param, series in axes_:
