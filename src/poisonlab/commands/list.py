@@ -206,8 +206,8 @@ def print_catalogue(cat: dict[str, Any]) -> None:
         t = Table(title=title)
         for c in cols:
             t.add_column(c)
-        for row in cat[section]:
-            t.add_row(*[Text(x) for x in row[:len(cols)]])  # plain text: defaults such as "(1, 2)" or "[..]" are not markup
+        for row in cat[section]:  # plain text: defaults such as "(1, 2)" or "[..]" are not markup
+            t.add_row(*[Text(x) for x in row[:len(cols)]])
         console.print(t)
     for msg in cat.get("plugin_errors") or []:
         console.print(f"plug-in not loaded: {msg}", highlight=False, markup=False, soft_wrap=True)
