@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import TINY_GRID
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,24 +54,9 @@ def test_list_shows_models_and_attacks():
     assert "3,251,018" in r.stdout and "badnets" in r.stdout and "random_flip" in r.stdout
 
 
-TINY = """name = "tiny"
-seeds = [0]
-plots = false
-[dataset]
-name = "digits"
-train_size = 300
-test_size = 100
-[model]
-name = "fastnet"
-params = { widths = [8, 16, 16] }
-[training]
-epochs = 1
-batch_size = 64
-[[attacks]]
-name = "badnets"
-size = 2
-rate = 0.1
-"""
+# no plots; a backdoor, so that the rows have an ASR
+TINY = TINY_GRID.replace("[dataset]", "plots = false\n[dataset]").replace('name = "random_flip"\nrate = 0.2',
+                                                                          'name = "badnets"\nsize = 2\nrate = 0.1')
 
 
 def test_run_format_json_and_csv_put_only_the_rows_on_stdout(tmp_path):
