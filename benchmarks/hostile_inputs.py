@@ -36,6 +36,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import resource
 import struct
 import subprocess
@@ -613,7 +614,11 @@ def _limit_memory(gib: float) -> Callable[[], None]:
     return set_limit
 
 
+_GRID_STATUS = re.compile(r"\[\d+/\d+ done[^\]]*\]\s*")  # "[1/2 done, ..., 3s elapsed, ~0s left]": times
+
+
 def _first_line(text: str) -> str:
+    text = _GRID_STATUS.sub("", text)  # the log of this script records outcomes, never timings
     lines = [line for line in text.splitlines() if line.strip()]
     hit = next((line for line in lines if "error:" in line or "Error" in line), lines[-1] if lines else "")
     return hit.strip()[:200]
@@ -645,7 +650,7 @@ def classify(case: Case, rc: int, output: str, problem: str | None, worked: bool
         return "silent", problem
     if missing:
         return "silent", f"no warning naming {missing}"
-    return "handled", next((line.strip()[:200] for line in output.splitlines()
+    return "handled", next((line.strip()[:200] for line in _GRID_STATUS.sub("", output).splitlines()
                               if all(n in line for n in case.names[:1])), "")
 
 

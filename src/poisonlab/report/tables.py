@@ -115,7 +115,7 @@ def load_rows(out: Path) -> list[dict[str, Any]]:
         except UnicodeDecodeError:
             raise ConfigError(f"{f}: not UTF-8 text (is this a poisonlab results file?)") from None
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{f}: not valid JSON ({e.msg} at line {e.lineno}); a truncated file? "
+            raise ConfigError(f"{f}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); a truncated file? "
                               "`poisonlab run` with the same config and --out rewrites it") from None
     elif (out / "results.csv").is_file():
         f = out / "results.csv"
