@@ -10,11 +10,20 @@ and a time limit) and is classified:
   report, the damaged entry was recomputed, the 16-bit pixels were scaled);
 - ``traceback``: "Traceback" in the output;
 - ``silent``: exit 0 where an error was expected, or a handled case whose check of the result fails;
-- ``misleading``: an error without a traceback whose message does not name what the case expects, or is too long;
+- ``misleading``: an error without a traceback whose message does not name what the case expects (or says what
+  it must not, such as a flag that does not exist), or is too long;
+- ``late error``: a clear error the issue wants before any work (``before_work``), given only after some runs
+  were done and written;
 - ``hang`` / ``memory``: killed by the time limit, or failed for want of memory.
 
 The last line reads "N inputs, E clear errors, H handled correctly, 0 tracebacks, 0 silent" (E + H = N) when every
-case behaves; the exit status is non-zero otherwise. To add a case, write a builder that makes the input under
+case behaves: "handled correctly" counts the cases where going on is right (the report skips a plot it must not
+embed, the audit lists a bomb as unreadable), so it is a count of its own; any other outcome is appended to the
+line with its count ("1 late error") and the exit status is non-zero.
+
+Cases 1-26 are the defects of issue 15's first phase; the PHASE2 list adds its second phase (exit status on
+failed runs, errors that must come before any work, paths and results files that are not what they seem,
+umask, tables and --format output to a pipe). To add a case, write a builder that makes the input under
 the folder it is given and returns the command line (arguments after ``python``), and add a ``Case`` to CASES.
 ``--only NAME`` (repeatable) runs some cases, ``--list`` names them all.
 """
@@ -27,6 +36,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import resource
 import struct
 import subprocess
@@ -51,7 +61,8 @@ class Case:
 
     ``build(tmp)`` writes the input under ``tmp`` and returns the command line after ``python``.
     ``expect`` is ``"error"`` or ``"go on"``; ``names`` are what the error (or, going on, the output) must
-    mention; ``check(tmp)`` (going on only) returns None when the result is right, else what is wrong.
+    mention and ``absent`` what it must not; ``check(tmp)`` (going on only) returns None when the result is
+    right, else what is wrong (the command's stdout and stderr are in ``tmp/.stdout`` and ``tmp/.stderr``).
     """
 
     name: str
@@ -60,6 +71,8 @@ class Case:
     expect: str
     names: tuple[str, ...]
     check: Check | None = None
+    absent: tuple[str, ...] = ()  # what the output must not say (a flag that does not exist, a cut cell)
+    before_work: bool = False  # an error the issue wants before any work: nothing may be in tmp/out/results.json
 
 
 # ------------------------------------------------------------------------------------------------ file builders
@@ -368,6 +381,223 @@ CASES: list[Case] = [
 ]
 
 
+# ------------------------------------------------------------------------- phase 2: failed runs, late errors
+TINY = {"name": "digits", "train_size": 200, "test_size": 60}
+
+
+def _run_cfg(text_or_cfg: Path, tmp: Path, *extra: str) -> list[str]:
+    return POISONLAB + ["run", str(text_or_cfg), "--out", str(tmp / "out"), "-q", *extra]
+
+
+def seeds(value: int) -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        return _run_cfg(_config(tmp, TINY, seeds=[value]), tmp)
+    return build
+
+
+def mnist_1x1(tmp: Path) -> list[str]:
+    _mnist(tmp)
+    return _run_data(tmp, {"name": "mnist", "image_size": 1})
+
+
+def dry_run_missing_dataset(tmp: Path) -> list[str]:
+    return _run_cfg(_config(tmp, {"name": "mnist", "data_dir": str(tmp / "nodata")}), tmp, "--dry-run")
+
+
+def mnist_cnn_on_digits(tmp: Path) -> list[str]:
+    cfg = _config(tmp, TINY)
+    cfg.write_text(cfg.read_text() + '[model]\nname = "mnist_cnn"\n')
+    return _run_cfg(cfg, tmp)
+
+
+def strip_small_clean_set(tmp: Path) -> list[str]:
+    # 200 images x clean_fraction 0.05 = 10 trusted images; STRIP needs 4 per class of 10
+    cfg = _config(tmp, TINY)
+    cfg.write_text(cfg.read_text() + '[[defenses]]\nname = "strip"\n')
+    return _run_cfg(cfg, tmp)
+
+
+def empty_config(tmp: Path) -> list[str]:
+    _write(tmp / "empty.toml", "")
+    return _run_cfg(tmp / "empty.toml", tmp)
+
+
+def run_out_is_a_file(tmp: Path) -> list[str]:
+    _write(tmp / "out", "keep me")
+    return _run_cfg(_config(tmp, TINY), tmp)
+
+
+def _file_kept(tmp: Path) -> str | None:
+    return None if (tmp / "out").read_text() == "keep me" else "the file named by --out was overwritten"
+
+
+def audit_args(*args: str, out: str = "audit") -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        _image_folder(tmp / "imgs")
+        if out == "file":
+            _write(tmp / "file", "keep me")
+        target = {"file": tmp / "file", "inside": tmp / "imgs" / "audit"}.get(out, tmp / out)
+        return POISONLAB + ["audit", str(tmp / "imgs"), "--out", str(target), "--folds", "2", "--epochs", "1",
+                            "-q", *args]
+    return build
+
+
+def audit_formula_class(tmp: Path) -> list[str]:
+    _image_folder(tmp / "imgs", per_class=16)
+    (tmp / "imgs" / "class0").rename(tmp / "imgs" / "=1+2")
+    return POISONLAB + ["audit", str(tmp / "imgs"), "--out", str(tmp / "audit"), "--folds", "2", "--epochs", "1",
+                        "--image-size", "8", "-q"]
+
+
+def _csv_neutralised(tmp: Path) -> str | None:
+    import csv
+
+    with open(tmp / "audit" / "suspicious.csv", newline="") as f:
+        cells = [c for row in csv.reader(f) for c in row]
+    raw = [c for c in cells if c[:1] in ("=", "+", "@")]
+    if raw:
+        return f"suspicious.csv holds cells a spreadsheet evaluates: {raw[:3]}"
+    return None if any(c.startswith("'=1+2") for c in cells) else "the class =1+2 is not in suspicious.csv"
+
+
+def _results(tmp: Path, text: str, folder: str = "results") -> Path:
+    _write(tmp / folder / "results.json", text)
+    return tmp / folder
+
+
+def report_on(text: str) -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        return POISONLAB + ["report", str(_results(tmp, text))]
+    return build
+
+
+def report_markup_path(tmp: Path) -> list[str]:
+    row = {"run": "a[/b]", "dataset": "digits", "model": "fastnet", "training": "train", "attack": "none",
+           "defense": "none", "seed": 0, "clean_acc": 0.9}
+    return POISONLAB + ["report", str(_results(tmp, json.dumps([row]), "r[/x]"))]
+
+
+def _report_written(folder: str) -> Check:
+    def check(tmp: Path) -> str | None:
+        return None if (tmp / folder / "report.html").is_file() else f"no {folder}/report.html"
+    return check
+
+
+def run_markup_path(tmp: Path) -> list[str]:
+    return POISONLAB + ["run", str(tmp / "c[/x].toml"), "--dry-run"]
+
+
+def federated_nan(tmp: Path) -> list[str]:
+    _write(tmp / "fed.toml", 'name = "fed"\n[malicious]\nfraction = nan\n')
+    return POISONLAB + ["federated", str(tmp / "fed.toml"), "--out", str(tmp / "out")]
+
+
+def umask_report(tmp: Path) -> list[str]:
+    row = {"run": "r0", "dataset": "digits", "model": "fastnet", "training": "train", "attack": "none",
+           "defense": "none", "seed": 0, "clean_acc": 0.9}
+    out = _results(tmp, json.dumps([row]))
+    code = ("import os, runpy, sys; os.umask(0o027); "
+            f"sys.argv = ['poisonlab', 'report', {str(out)!r}]; runpy.run_module('poisonlab', run_name='__main__')")
+    return ["-c", code]
+
+
+def _modes_follow_umask(tmp: Path) -> str | None:
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp / "results").iterdir() if f.suffix in (".html", ".md")}
+    bad = {k: v for k, v in modes.items() if v != oct(0o640)}
+    return f"under umask 027, modes {bad} (expected 0o640)" if bad or not modes else None
+
+
+def list_to_pipe(tmp: Path) -> list[str]:
+    return POISONLAB + ["list"]
+
+
+def run_summary_to_pipe(tmp: Path) -> list[str]:
+    cfg = _config(tmp, TINY)
+    cfg.write_text(cfg.read_text().replace('name = "random_flip"\nrate = 0.1',
+                                           'name = "badnets"\nsize = 2\nrate = 0.1\ncorner = "bottom-right"'))
+    return _run_cfg(cfg, tmp)
+
+
+def run_format(fmt: str) -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        cfg = _config(tmp, TINY)
+        return POISONLAB + ["run", str(cfg), "--out", str(tmp / "out"), "--format", fmt]  # progress bars on
+    return build
+
+
+def _stdout_parses(fmt: str) -> Check:
+    def check(tmp: Path) -> str | None:
+        import csv
+
+        text = (tmp / ".stdout").read_text()
+        try:
+            rows = json.loads(text) if fmt == "json" else list(csv.DictReader(text.splitlines()))
+        except ValueError as e:
+            return f"stdout is not {fmt}: {e}"
+        runs = [r.get("run") for r in rows] if isinstance(rows, list) else []
+        return None if runs == ["none+none+s0", "random_flip(rate=0.1)+none+s0"] else f"stdout rows: {runs}"
+    return check
+
+
+PLUGIN = """from poisonlab.attacks.label_flip import RandomLabelFlip
+
+
+class Broken(RandomLabelFlip):
+    def _poison(self, train, seed, context):
+        raise RuntimeError("the plug-in attack broke")
+"""
+
+
+def a_run_fails(tmp: Path) -> list[str]:
+    _write(tmp / "brokenattack.py", PLUGIN)
+    cfg = _config(tmp, TINY)
+    cfg.write_text(cfg.read_text().replace('name = "random_flip"', 'name = "brokenattack:Broken"'))
+    return _run_cfg(cfg, tmp)
+
+
+PHASE2: list[Case] = [
+    Case("run: seeds = [2^64 + 1]", "5", seeds(2**64 + 1), "error", ("cfg.toml", "seeds", "4294967295"),
+         before_work=True),
+    Case("run: seeds = [-1]", "6", seeds(-1), "error", ("cfg.toml", "seeds", "4294967295"), before_work=True),
+    Case("run: MNIST at 1x1", "5", mnist_1x1, "error", ("cfg.toml", "dataset.image_size", "greater than or equal to 4"),
+         before_work=True),
+    Case("run: a run fails mid-grid (exit status 1)", "5", a_run_fails, "error",
+         ("the plug-in attack broke", "1 run(s) failed")),
+    Case("run --dry-run: dataset missing", "5", dry_run_missing_dataset, "error", ("mnist", "download = true"),
+         absent=("--download",)),
+    Case("run: mnist_cnn on 8x8 digits", "6", mnist_cnn_on_digits, "error", ("mnist_cnn", "8x8x1"),
+         before_work=True),
+    Case("run: STRIP with too small a clean set", "6", strip_small_clean_set, "error", ("strip", "clean set"),
+         before_work=True),
+    Case("run: empty config", "6", empty_config, "error", ("empty.toml", "empty"), before_work=True),
+    Case("run: --out names a file", "7", run_out_is_a_file, "error", ("--out", "not a directory")),
+    Case("audit: --out names a file", "7", audit_args(out="file"), "error", ("--out", "not a directory")),
+    Case("audit: --image-size 100000", "7", audit_args("--image-size", "100000"), "error",
+         ("--image-size", "[4, 1024]")),
+    Case("audit: --image-size 0", "7", audit_args("--image-size", "0"), "error", ("--image-size", "[4, 1024]")),
+    Case("audit: --out inside the audited folder", "8", audit_args(out="inside"), "error",
+         ("inside the audited folder",)),
+    Case("audit: a class folder named =1+2", "8", audit_formula_class, "go on", ("images flagged",),
+         _csv_neutralised),
+    Case("report: [/x] in the folder path", "7", report_markup_path, "go on", ("r[/x]",), _report_written("r[/x]")),
+    Case("run: [/x] in a config path", "7", run_markup_path, "error", ("c[/x].toml", "not found")),
+    Case("report: truncated results.json", "7", report_on('[{"run": "r0", "clean_'), "error", ("results.json",)),
+    Case("report: results.json is {}", "7", report_on("{}"), "error", ("results.json",)),
+    Case("report: results.json is [1,2,3]", "7", report_on("[1, 2, 3]"), "error", ("results.json",)),
+    Case("federated: malicious.fraction = nan", "7", federated_nan, "error", ("fraction", "finite")),
+    Case("output files follow the umask (027)", "10", umask_report, "go on", ("wrote",), _modes_follow_umask),
+    Case("list: tables to a pipe are whole", "10", list_to_pipe, "go on", ("corner='bottom-right'",),
+         absent=("…",)),
+    Case("run: summary table to a pipe is whole", "10", run_summary_to_pipe, "go on",
+         ("badnets(corner=bottom-right,rate=0.1,size=2)",), _rows_without_errors("out"), absent=("…",)),
+    Case("run --format json: stdout is JSON alone", "10", run_format("json"), "go on", ("plan:",),
+         _stdout_parses("json")),
+    Case("run --format csv: stdout is CSV alone", "10", run_format("csv"), "go on", ("plan:",),
+         _stdout_parses("csv")),
+]
+CASES += PHASE2
+
+
 # ------------------------------------------------------------------------------------------------- the harness
 @dataclass(frozen=True)
 class Outcome:
@@ -384,25 +614,35 @@ def _limit_memory(gib: float) -> Callable[[], None]:
     return set_limit
 
 
+_GRID_STATUS = re.compile(r"\[\d+/\d+ done[^\]]*\]\s*")  # "[1/2 done, ..., 3s elapsed, ~0s left]": times
+
+
 def _first_line(text: str) -> str:
+    text = _GRID_STATUS.sub("", text)  # the log of this script records outcomes, never timings
     lines = [line for line in text.splitlines() if line.strip()]
     hit = next((line for line in lines if "error:" in line or "Error" in line), lines[-1] if lines else "")
     return hit.strip()[:200]
 
 
-def classify(case: Case, rc: int, output: str, problem: str | None) -> tuple[str, str]:
-    """What a finished command did, as (kind, detail); see the module docstring."""
+def classify(case: Case, rc: int, output: str, problem: str | None, worked: bool = False) -> tuple[str, str]:
+    """What a finished command did, as (kind, detail); see the module docstring. ``worked``: the command
+    wrote result rows before it failed (a ``late error`` when the case wants the refusal before any work)."""
     if "Traceback" in output:
         return "traceback", _first_line(output.split("Traceback")[-1])
     if "MemoryError" in output or "Cannot allocate memory" in output:
         return "memory", _first_line(output)
     missing = [n for n in case.names if n not in output]
+    wrong = [n for n in case.absent if n in output]
+    if wrong and (case.expect == "go on" or rc != 0):
+        return ("misleading" if case.expect == "error" else "silent"), f"says {wrong}: {_first_line(output)}"
     if case.expect == "error":
         if rc == 0:
             return "silent", "exit 0"
         if missing or len(output) > MAX_MESSAGE:
             why = f"does not name {missing}" if missing else f"{len(output)} characters of output"
             return "misleading", f"{why}: {_first_line(output)}"
+        if case.before_work and worked:
+            return "late error", f"refused only after some work: {_first_line(output)}"
         return "clear error", _first_line(output)
     if rc != 0:
         return "misleading", f"exit {rc}: {_first_line(output)}"
@@ -410,7 +650,7 @@ def classify(case: Case, rc: int, output: str, problem: str | None) -> tuple[str
         return "silent", problem
     if missing:
         return "silent", f"no warning naming {missing}"
-    return "handled", next((line.strip()[:200] for line in output.splitlines()
+    return "handled", next((line.strip()[:200] for line in _GRID_STATUS.sub("", output).splitlines()
                               if all(n in line for n in case.names[:1])), "")
 
 
@@ -427,8 +667,10 @@ def run_case(case: Case, timeout: float, memory_gib: float) -> Outcome:
             return Outcome(case, "hang", f"no answer in {timeout:.0f} s", time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
         output = r.stdout + r.stderr
+        (tmp / ".stdout").write_text(r.stdout)
+        (tmp / ".stderr").write_text(r.stderr)
         problem = case.check(tmp) if case.check is not None and r.returncode == 0 else None
-        kind, detail = classify(case, r.returncode, output, problem)
+        kind, detail = classify(case, r.returncode, output, problem, (tmp / "out" / "results.json").exists())
         return Outcome(case, kind, detail, seconds)
 
 
@@ -450,7 +692,7 @@ def main() -> None:
         outcomes.append(o)
         print(f"{o.kind:<12} #{c.issue:<2} {c.name}: {o.detail}", flush=True)
     count = {k: sum(o.kind == k for o in outcomes) for k in
-             ("clear error", "handled", "traceback", "silent", "misleading", "hang", "memory")}
+             ("clear error", "handled", "traceback", "silent", "misleading", "late error", "hang", "memory")}
     others = ", ".join(f"{n} {k}" for k, n in count.items() if n and k not in ("clear error", "handled",
                                                                               "traceback", "silent"))
     print(f"{len(outcomes)} inputs, {count['clear error']} clear errors, {count['handled']} handled correctly, "

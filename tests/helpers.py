@@ -20,3 +20,22 @@ def train_small(train, sample_weight=None, description: str = "train", history_o
     if history_out is not None:
         history_out.extend(h)
     return m
+
+
+# a one-epoch grid on 300 digits with a narrow fastnet and one attack: seconds, for tests of the command line
+TINY_GRID = """name = "tiny"
+seeds = [0]
+[dataset]
+name = "digits"
+train_size = 300
+test_size = 100
+[model]
+name = "fastnet"
+params = { widths = [8, 16, 16] }
+[training]
+epochs = 1
+batch_size = 64
+[[attacks]]
+name = "random_flip"
+rate = 0.2
+"""

@@ -85,3 +85,21 @@ def test_report_warns_on_a_run_file_that_is_not_json(tmp_path, text):
     with pytest.warns(UserWarning, match=r"r0\.json: run r0: not valid JSON"):
         write_report(out)
     assert (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("text,words", [
+    ('[{"run": "r0", "clean_', ("not valid JSON", "truncated")),
+    ("{}", ("a list of result rows", "found an object")),
+    ("[1, 2, 3]", ("row 0", "found a number")),
+    ('[{"clean_acc": 0.9}]', ("row 0", "without a string 'run'")),
+])
+def test_7_report_on_a_results_json_that_is_not_a_list_of_rows(tmp_path, text, words):
+    from typer.testing import CliRunner
+
+    from poisonlab.cli import app
+
+    (tmp_path / "results.json").write_text(text)
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "results.json" in res.output and all(w in res.output for w in words), res.output
+    assert not (tmp_path / "report.html").exists()

@@ -11,26 +11,12 @@ import os
 
 import numpy as np
 import pytest
+from helpers import TINY_GRID
 from typer.testing import CliRunner
 
 from poisonlab.cli import app
 
-QUICK = """name = "tiny"
-seeds = [0]
-[dataset]
-name = "digits"
-train_size = 300
-test_size = 100
-[model]
-name = "fastnet"
-params = { widths = [8, 16, 16] }
-[training]
-epochs = 1
-batch_size = 64
-[[attacks]]
-name = "random_flip"
-rate = 0.2
-"""
+QUICK = TINY_GRID
 
 
 def _run(*args: str):

@@ -21,8 +21,8 @@ def test_ray_executor_tiny_grid(tmp_path):
     assert not ray.is_initialized()  # the Ray instance it started is shut down again
     assert len(rows) == 4 and not any(r.get("error") for r in rows)
     assert any(line.startswith("ray: 2 CPU") for line in log)
-    assert sorted(r["run"] for r in rows) == ["none-none-s0", "none-none-s1", "random_flip_rate=0.2_-none-s0",
-                                             "random_flip_rate=0.2_-none-s1"]
+    assert sorted(r["run"] for r in rows) == ["none+none+s0", "none+none+s1", "random_flip(rate=0.2)+none+s0",
+                                             "random_flip(rate=0.2)+none+s1"]
     for r in rows:  # real trainings and evaluations happened in the workers
         detail = json.loads((tmp_path / "o" / "runs" / f"{r['run']}.json").read_text())
         assert len(detail["history"]) == 1 and 0 <= r["clean_acc"] <= 1 and len(detail["metrics"]["confusion"]) == 10
@@ -38,4 +38,4 @@ def test_ray_executor_tiny_grid(tmp_path):
     finally:
         loop.fit = real
     assert calls == [] and [r["clean_acc"] for r in again] == [r["clean_acc"] for r in rows]
-    assert json.loads((tmp_path / "o" / "results.json").read_text())[0]["run"] == "none-none-s0"
+    assert json.loads((tmp_path / "o" / "results.json").read_text())[0]["run"] == "none+none+s0"

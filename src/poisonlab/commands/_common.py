@@ -1,11 +1,17 @@
-"""What every sub-command shares: the consoles, the one error printer, the results summary table.
+"""What every sub-command shares: the consoles, the one error printer, the results summary table and the
+``--format`` option (table for people, csv or json for scripts).
 
 Only typer and rich are imported here, so that ``poisonlab --help`` stays fast.
 """
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+import contextlib
+import enum
+import json
+import math
+import sys
+from typing import Any, Callable, Iterator, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,6 +33,67 @@ def fail(e: BaseException | str) -> NoReturn:
 def log(text: str) -> None:
     """A progress line on stdout, printed as it is (no markup, no highlighting)."""
     console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def log_stderr(text: str) -> None:
+    """A progress line on stderr (when stdout carries csv or json for a script)."""
+    err_console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+class OutputFormat(str, enum.Enum):
+    """``--format``: ``table`` (rich tables, for people), or ``csv`` / ``json`` on stdout for scripts."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+FORMAT_HELP = ("table (for people), or csv / json on stdout for scripts (then nothing else goes to stdout: "
+               "progress and status go to stderr)")
+
+
+def logger_for(fmt: OutputFormat) -> Callable[[str], None]:
+    """Where progress lines go: stdout under a table, stderr when stdout is for csv or json."""
+    return log if fmt is OutputFormat.table else log_stderr
+
+
+@contextlib.contextmanager
+def stdout_for_data(fmt: OutputFormat) -> Iterator[None]:
+    """With csv or json, rich's default console (what progress bars draw on when given none) is stderr
+    while the block runs, so that stdout holds the data alone."""
+    if fmt is OutputFormat.table:
+        yield
+        return
+    import rich
+
+    default = rich.get_console()
+    saved = dict(default.__dict__)  # rich.reconfigure rewrites the global console in place; so is it put back
+    rich.reconfigure(stderr=True)
+    try:
+        yield
+    finally:
+        default.__dict__.update(saved)
+
+
+def strict_json(obj: Any) -> str:
+    """``obj`` as standard JSON (what jq and browsers parse): NaN and infinities become null."""
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False, default=str)
+
+
+def write_stdout(text: str) -> None:
+    """Data for a script, on stdout as it is (no rich: no wrapping, no markup)."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
 
 
 SUMMARY_COLUMNS = ["dataset", "model", "training", "attack", "defense", "seed", "clean_acc", "macro_f1", "asr",

@@ -18,17 +18,31 @@ from typing import Any
 
 import typer
 
-from poisonlab.commands._common import console
+from poisonlab.commands._common import FORMAT_HELP, OutputFormat, console, err_console, strict_json, write_stdout
 
-CATALOGUE_VERSION = 2
+CATALOGUE_VERSION = 3
 SECTIONS = ("datasets", "models", "presets", "attacks", "defenses")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("list")
-    def list_cmd(refresh: bool = typer.Option(False, "--refresh", help="rebuild the cached catalogue")) -> None:
-        """List datasets, models (with parameter counts), attacks and defences with their defaults."""
-        print_catalogue(catalogue(refresh))
+    def list_cmd(refresh: bool = typer.Option(False, "--refresh", help="rebuild the cached catalogue"),
+                 fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", case_sensitive=False,
+                                                  help=FORMAT_HELP)) -> None:
+        """List datasets, models (with parameter counts), attacks and defences with their defaults.
+
+        --format json prints {"datasets": [...], "models": [...], "presets": [...], "attacks": [...],
+        "defenses": [...]}, one object per entry (see catalogue_records); --format csv prints the same
+        entries as one table with a "section" column.
+        """
+        cat = catalogue(refresh)
+        if fmt is OutputFormat.table:
+            print_catalogue(cat)
+            return
+        records = catalogue_records(cat)
+        write_stdout(strict_json(records) if fmt is OutputFormat.json else catalogue_csv(records))
+        for msg in cat.get("plugin_errors") or []:
+            err_console.print(f"plug-in not loaded: {msg}", highlight=False, markup=False, soft_wrap=True)
 
 
 def catalogue(refresh: bool = False) -> dict[str, Any]:
@@ -109,10 +123,14 @@ def build_catalogue() -> dict[str, Any]:
 
     presets = [[name, f"{p['epochs']} epochs, batch {p['batch_size']}, {p['optimizer']} lr {p['lr']}",
                 PRESET_SUMMARIES.get(name, "")] for name, p in PRESETS.items()]
+    from poisonlab.experiments.cache import jsonable
+
     methods = {}
     for section, reg in (("attacks", ATTACKS), ("defenses", DEFENSES)):
+        # the defaults twice: as Python reprs for the table, as JSON for --format json
         methods[section] = [[name, str(getattr(reg.get(name), "family", None) or getattr(reg.get(name), "kind", "")),
-                             ", ".join(f"{k}={v!r}" for k, v in reg.defaults(name).items()), _summary(reg.get(name))]
+                             ", ".join(f"{k}={v!r}" for k, v in reg.defaults(name).items()), _summary(reg.get(name)),
+                             json.dumps(jsonable(reg.defaults(name)), default=str)]
                             for name in reg.names()]
     errors = [msg for reg in (ATTACKS, DEFENSES, MODELS) for msg in reg.plugin_errors.values()]
     return {"version": CATALOGUE_VERSION, "datasets": datasets, "models": models, "presets": presets, **methods,
@@ -122,6 +140,55 @@ def build_catalogue() -> dict[str, Any]:
 def _summary(obj: Any) -> str:
     doc = (obj.__doc__ or "").strip()
     return doc.splitlines()[0] if doc else ""
+
+
+# the fields of each section's rows, in order (attacks and defences: the last one is the defaults as JSON)
+FIELDS = {"datasets": ("name", "description"), "models": ("name", "parameters", "description"),
+          "presets": ("name", "recipe", "description"),
+          "attacks": ("name", "kind", "defaults_text", "description", "defaults"),
+          "defenses": ("name", "kind", "defaults_text", "description", "defaults")}
+CSV_COLUMNS = ("section", "name", "kind", "parameters", "recipe", "defaults", "description")
+
+
+def catalogue_records(cat: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The catalogue as one object per entry, by section, for scripts.
+
+    Models: ``parameters`` is the parameter count as an integer (null for a plug-in that does not take
+    poisonlab's shape arguments). Attacks and defences: ``defaults`` maps each parameter to its default
+    (JSON; values JSON cannot hold are their repr).
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for section in SECTIONS:
+        recs = []
+        for row in cat[section]:
+            rec: dict[str, Any] = dict(zip(FIELDS[section], row))
+            if section == "models":
+                count = rec["parameters"].replace(",", "")
+                rec["parameters"] = int(count) if count.isdigit() else None
+            if "defaults" in rec:
+                rec["defaults"] = json.loads(rec["defaults"])
+                del rec["defaults_text"]
+            recs.append(rec)
+        out[section] = recs
+    return out
+
+
+def catalogue_csv(records: dict[str, list[dict[str, Any]]]) -> str:
+    """The records as one CSV table: a ``section`` column, then :data:`CSV_COLUMNS` (empty where a section
+    has no such field); defaults as a JSON object."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    wr.writeheader()
+    for section, recs in records.items():
+        for rec in recs:
+            row = {"section": section, **rec}
+            if isinstance(row.get("defaults"), dict):
+                row["defaults"] = json.dumps(row["defaults"])
+            wr.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_COLUMNS})
+    return buf.getvalue()
 
 
 def print_catalogue(cat: dict[str, Any]) -> None:
@@ -139,8 +206,8 @@ def print_catalogue(cat: dict[str, Any]) -> None:
         t = Table(title=title)
         for c in cols:
             t.add_column(c)
-        for row in cat[section]:
-            t.add_row(*[Text(x) for x in row])  # plain text: defaults such as "(1, 2)" or "[..]" are not markup
+        for row in cat[section]:  # plain text: defaults such as "(1, 2)" or "[..]" are not markup
+            t.add_row(*[Text(x) for x in row[:len(cols)]])
         console.print(t)
     for msg in cat.get("plugin_errors") or []:
         console.print(f"plug-in not loaded: {msg}", highlight=False, markup=False, soft_wrap=True)

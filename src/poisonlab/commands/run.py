@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from poisonlab.commands._common import console, fail, log, print_summary
+from poisonlab.commands._common import (FORMAT_HELP, OutputFormat, console, fail, log_stderr, logger_for, print_summary,
+                                        stdout_for_data, strict_json, write_stdout)
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +31,8 @@ def register(app: typer.Typer) -> None:
         mlflow: Optional[str] = typer.Option(None, "--mlflow", help="log every run to this MLflow tracking URI"),
         device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else the CPU), cpu, "
                                              "cuda or cuda:N; overrides the config's device"),
+        fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", case_sensitive=False,
+                                         help="the end-of-run summary: " + FORMAT_HELP),
     ) -> None:
         """Run an experiment grid: clean baselines, one model per attack, each defence; write results to OUT.
 
@@ -40,6 +43,10 @@ def register(app: typer.Typer) -> None:
         Exit status: 0 when every run succeeded; 1 when some run failed (the others are
         written, failures are listed and kept in results.csv); 2 when the input was refused
         before any work started.
+
+        --format csv / json print every row of the grid on stdout (the columns of results.csv; in
+        json NaN is null) and send the plan and progress to stderr; with --dry-run, the rows
+        already finished in OUT.
         """
         from poisonlab.errors import PoisonlabError
         from poisonlab.experiments import load_config, run_experiment
@@ -51,16 +58,25 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(config)
             if device is not None:
                 cfg = with_device(cfg, device)
-            rows = run_experiment(cfg, out, str(data_dir) if data_dir else None, progress=not quiet, log=log,
-                                  cache_dir=cache, executor=executor, address=address, num_cpus=num_cpus,
-                                  cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, dry_run=dry_run,
-                                  mlflow_uri=mlflow)
+            with stdout_for_data(fmt):
+                rows = run_experiment(cfg, out, str(data_dir) if data_dir else None, progress=not quiet,
+                                      log=logger_for(fmt), cache_dir=cache, executor=executor, address=address,
+                                      num_cpus=num_cpus, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                                      dry_run=dry_run, mlflow_uri=mlflow)
         except PoisonlabError as e:
             fail(e)
+        failed = sum(1 for r in rows if r.get("error"))
+        if fmt is not OutputFormat.table:
+            from poisonlab.report.tables import GRID_COLUMNS, table_csv
+
+            write_stdout(table_csv(rows, GRID_COLUMNS) if fmt is OutputFormat.csv else strict_json(rows))
+            if failed:
+                log_stderr(f"{failed} run(s) failed (their rows carry the error; tracebacks in {out / 'runs'})")
+                raise typer.Exit(1)
+            return
         if dry_run:
             return
         print_summary(rows)
-        failed = sum(1 for r in rows if r.get("error"))
         console.print(f"results: {out / 'results.csv'}  (per-run JSON in {out / 'runs'}, plots in {out / 'plots'}, "
                       f"report in {out / 'report.html'})", highlight=False, markup=False)
         if failed:  # what succeeded is written; the status says not everything did

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from poisonlab.experiments.cache import ArtifactCache
 from poisonlab.experiments.outputs import RunWriter
-from poisonlab.experiments.plan import Plan, Unit, fmt_seconds, slug
+from poisonlab.experiments.plan import Plan, Unit, fmt_seconds, safe_name
 from poisonlab.experiments.stages import Workspace
 from poisonlab.utils import atomic_write_json
 
@@ -97,7 +97,7 @@ _WORKSPACES: dict[str, Workspace] = {}
 
 
 def _progress_file(out: str, unit_name: str) -> Path:
-    return Path(out) / ".progress" / f"{slug(unit_name)}.json"
+    return Path(out) / ".progress" / f"{safe_name(unit_name)}.json"
 
 
 def ray_unit(plan: Plan, unit: Unit, out: str, cache_root: str, data_dir: str | None, threads: int) -> list[dict]:

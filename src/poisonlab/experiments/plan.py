@@ -156,6 +156,8 @@ class Plan:
     units: tuple[Unit, ...]  # units with work left
     done: frozenset[str] = frozenset()
     failed_before: frozenset[str] = frozenset()
+    earlier_rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # finished rows in out, by run name
+    renamed: dict[str, str] = field(default_factory=dict)  # run name -> its row's name in out, where they differ
     cached: dict[str, int] = field(default_factory=dict)
     trainings_needed: int = 0
     trainings_reused: int = 0
@@ -177,7 +179,9 @@ class Plan:
             f"({'1 baseline + ' if cfg.baseline else ''}{n_att} attack(s) x (1 + {n_def} defence(s))"
             + ("; some defences limited by apply_to)" if any(d.apply_to for d in cfg.defenses) else ")"),
             f"  done already: {len(self.done)}; to run: {len(self.todo)}"
-            + (f" (of which {len(self.failed_before)} failed before and are retried)" if self.failed_before else ""),
+            + (f" (of which {len(self.failed_before)} failed before and are retried)" if self.failed_before else "")
+            + (f"; {len(self.renamed)} finished or failed run(s) recognised by their key under an older name "
+               "(renamed when the grid runs)" if self.renamed else ""),
             f"  trainings: {self.trainings_needed} to do, {self.trainings_reused} reused from the cache "
             f"(clean models cached: {self.cached.get('clean', 0)}, poisoned sets: {self.cached.get('poison', 0)}, "
             f"poisoned models: {self.cached.get('victim', 0)}, defence outputs: {self.cached.get('defense', 0)})",
@@ -199,11 +203,64 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def slug(s: str) -> str:
-    out = re.sub(r"[^A-Za-z0-9_.=-]+", "_", s).strip("_")
-    if len(out) > 120:  # keep file names short but distinct
-        out = out[:108] + "-" + digest(s)[:11]
-    return out
+# ------------------------------------------------------------------ run ids
+ID_SEPARATOR = "+"
+MAX_NAME_CHARS = 120
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_NAME_TRANSLATE = str.maketrans({"[": "(", "]": ")", "{": "(", "}": ")", ":": ".", "'": None, '"': None})
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_.,=()~-]+")
+
+
+def safe_name(text: str, max_chars: int = MAX_NAME_CHARS) -> str:
+    """``text`` as a file name that is safe on Linux, macOS and Windows.
+
+    Brackets and braces become parentheses, ``:`` a dot, quotes and the blank after a comma go; any other
+    character outside ``A-Z a-z 0-9 _ . , = ( ) ~ -`` becomes ``_`` (so no ``/ \\ : * ? " < > |``,
+    no blank, no ``+``: that is :data:`ID_SEPARATOR`). No leading dot or dash, no trailing dot, no
+    Windows device name (``con``, ``nul``, ``com1``...) before the first dot. A name longer than
+    ``max_chars`` is cut and ends in ``~`` and 10 hex digits of a hash of the whole ``text``, so two
+    long names that share their start stay distinct.
+    """
+    return _bounded(_clean(text), text, max_chars)
+
+
+def _clean(text: str) -> str:
+    out = text.replace(", ", ",").replace(": ", ":").translate(_NAME_TRANSLATE)
+    return re.sub(r"_{2,}", "_", _NAME_BAD.sub("_", out))
+
+
+def _bounded(name: str, source: str, max_chars: int) -> str:
+    """``name`` with no leading dot or dash, no trailing dot, no Windows device stem, at most ``max_chars``."""
+    name = name.lstrip(".-").rstrip(". ") or "_"
+    if name.split(".")[0].lower() in _WINDOWS_RESERVED:
+        name = "_" + name
+    if len(name) > max_chars:
+        name = name[: max_chars - 11].rstrip(".") + "~" + digest(source)[:10]
+    return name
+
+
+def run_id(parts: Iterable[str]) -> str:
+    """The id of a run (``Run.name``, ``row["run"]``, ``runs/<id>.json``) from its readable parts.
+
+    ``parts`` are the cell's varying axes (dataset, model, recipe; only those with more than one value
+    in the config), the attack's label, the defence's label and ``s<seed>``, e.g.
+    ``badnets(rate=0.1,size=3)+spectral_signatures+s0`` or ``mnist_cnn+none+none+s1``.
+
+    Why this shape: ``+`` between parts reads as "this attack plus this defence" in a file listing and
+    a table, and no part can hold one (:func:`safe_name` turns it into ``_``), so the id splits back
+    into its parts; a method is written as in the config's own labels and in the tables' attack and
+    defence columns, ``name(key=value,...)`` with the parameters the config gives (sorted), so the id
+    of a run does not change when other attacks, defences or seeds are added to or removed from the
+    config. Parentheses, ``=`` and ``,`` are legal in file names on Linux, macOS and Windows; square
+    brackets are avoided because shells read them as globs and rich as markup. A cell axis (a second
+    model, a second recipe) lists only the settings that differ between its values, to keep ids short:
+    adding such a value renames the runs of the grid, and resuming recognises their finished rows by
+    their ``key`` (see :func:`finished_runs`). Ids are at most :data:`MAX_NAME_CHARS` characters
+    (then cut, with a hash tail), so ``runs/<id>.json`` and the plot files stay far below the 255
+    bytes file systems allow.
+    """
+    parts = list(parts)
+    return _bounded(ID_SEPARATOR.join(_clean(p) for p in parts), repr(parts), MAX_NAME_CHARS)
 
 
 # ------------------------------------------------------------------ planning
@@ -216,10 +273,11 @@ def build_plan(cfg: ExperimentConfig, out: str | Path | None = None, cache: Arti
     t0 = time.perf_counter()
     attacks, defenses = attack_variants(cfg), defense_variants(cfg)
     cells = grid_cells(cfg)
-    units = tuple(u for cell in cells for u in cell_units(cfg, cell, attacks, defenses))
-    runs = _index_runs(units)
-    done, failed = finished_runs(runs, Path(out)) if out is not None else (frozenset(), frozenset())
-    plan = Plan(cfg, cells, attacks, defenses, runs, units, done, failed)
+    units = _distinct_names(tuple(u for cell in cells for u in cell_units(cfg, cell, attacks, defenses)))
+    runs = {r.name: r for u in units for r in u.runs}
+    finished = finished_runs(runs, Path(out)) if out is not None else Finished(frozenset(), frozenset(), {}, {})
+    plan = Plan(cfg, cells, attacks, defenses, runs, units, finished.done, finished.failed,
+                earlier_rows=finished.rows, renamed=finished.renamed)
     if cache is not None:
         plan = with_cache_status(plan, cache, estimate)
     pending = tuple(u for u in plan.units if has_work(plan, u))
@@ -304,7 +362,7 @@ def cell_units(cfg: ExperimentConfig, cell: Cell, attacks: Iterable[AttackVarian
     def run(kind: str, key: str, attack: AttackVariant | None = None, defense: DefenseVariant | None = None,
             **keys: str) -> Run:
         labels = [attack.label if attack else "none", defense.label if defense else "none", f"s{cell.seed}"]
-        return Run(slug("-".join(cell.prefix + tuple(labels))), kind, cell, key, attack, defense, **keys)
+        return Run(run_id(cell.prefix + tuple(labels)), kind, cell, key, attack, defense, **keys)
 
     units = [Unit("clean", cell, (run("baseline", cell.clean_key),) if cfg.baseline else ())]
     for a in attacks:
@@ -325,41 +383,82 @@ def defense_key(victim_key: str, defense: DefenseVariant, clean_fraction: float)
                    "clean_fraction": clean_fraction})
 
 
-def _index_runs(units: Iterable[Unit]) -> dict[str, Run]:
-    runs: dict[str, Run] = {}
-    for u in units:
-        for r in u.runs:
-            if r.name in runs:
-                raise ValueError(f"two runs would be named {r.name!r}")
-            runs[r.name] = r
-    return runs
+def _distinct_names(units: tuple[Unit, ...]) -> tuple[Unit, ...]:
+    """``units`` with run names that differ as a case-insensitive file system (macOS, Windows) compares
+    them: two different runs whose ids differ only in case, or in characters :func:`safe_name`
+    replaced, each get a tail of their key; two entries that give the very same run are an error."""
+    by_folded: dict[str, list[Run]] = {}
+    for r in (r for u in units for r in u.runs):
+        by_folded.setdefault(r.name.casefold(), []).append(r)
+    clashes = [g for g in by_folded.values() if len(g) > 1]
+    if not clashes:
+        return units
+    renamed: dict[int, Run] = {}
+    for same in clashes:
+        if len({r.key for r in same}) < len(same):
+            from poisonlab.errors import ConfigError
+
+            raise ConfigError(f"two entries of the config give the same run {same[0].name!r}; remove one "
+                              "(or make their apply_to lists disjoint)")
+        for r in same:
+            renamed[id(r)] = replace(r, name=_bounded(f"{r.name}~{r.key[:8]}", r.name + r.key, MAX_NAME_CHARS))
+    return tuple(replace(u, runs=tuple(renamed.get(id(r), r) for r in u.runs)) for u in units)
 
 
 # ------------------------------------------------------------------ what is done
 def load_result_rows(out: Path) -> list[dict[str, Any]]:
-    """The rows of ``out/results.json``; none when it is missing or unreadable (then everything runs)."""
+    """The rows of ``out/results.json``; none when it is missing or unreadable (then everything runs).
+
+    Only rows that are JSON objects with a string ``run`` and a string ``key`` are returned: the file
+    may be from an older version, damaged, or edited by hand."""
     f = out / "results.json"
     if not f.is_file():
         return []
     try:
         rows = json.loads(f.read_text())
-    except ValueError:
+    except (ValueError, OSError):
         return []
-    return rows if isinstance(rows, list) else []
+    if not isinstance(rows, list):
+        return []
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("run"), str) and isinstance(r.get("key"), str)]
 
 
-def finished_runs(runs: dict[str, Run], out: Path) -> tuple[frozenset[str], frozenset[str]]:
-    """``(done, failed_before)``: runs with a row in ``out`` of the same key, without and with an error.
+@dataclass(frozen=True)
+class Finished:
+    """What a results folder already holds for a plan (see :func:`finished_runs`)."""
 
-    A row of another config (or of older settings) under the same name does not count.
+    done: frozenset[str]  # runs with a finished row of the same key
+    failed: frozenset[str]  # runs whose row of the same key holds an error (they are retried)
+    rows: dict[str, dict[str, Any]]  # run name -> its finished row, "run" set to the run's current name
+    renamed: dict[str, str]  # run name -> the name its row (and runs/<name>.json) has in the folder, when they differ
+
+
+def finished_runs(runs: dict[str, Run], out: Path) -> Finished:
+    """What of ``runs`` the results folder ``out`` holds, recognised by each row's ``key``.
+
+    The key is the digest of the run's full settings, so a row counts for the run with that key
+    whatever its name: a folder written with another naming (poisonlab before readable ids, or a
+    config that since gained a second model and so a prefix in every id) resumes. A row under a
+    run's own name counts first; rows of other keys (another config, older settings) do not count.
     """
-    done, failed = set(), set()
-    for row in load_result_rows(out):
-        run = runs.get(row.get("run")) if isinstance(row, dict) else None
-        if run is None or row.get("key") != run.key:
+    by_key: dict[str, list[str]] = {}
+    for name, r in runs.items():
+        by_key.setdefault(r.key, []).append(name)
+    rows = load_result_rows(out)
+    matched: dict[str, dict[str, Any]] = {}
+    exact = [r for r in rows if r["run"] in runs and runs[r["run"]].key == r["key"]]
+    for row in exact:
+        matched[row["run"]] = row
+    for row in rows:  # rows of this folder's older names
+        if row["run"] in matched and matched[row["run"]] is row:
             continue
-        (failed if row.get("error") else done).add(run.name)
-    return frozenset(done), frozenset(failed)
+        name = next((n for n in by_key.get(row["key"], ()) if n not in matched), None)
+        if name is not None:
+            matched[name] = row
+    done = {n for n, r in matched.items() if not r.get("error")}
+    return Finished(frozenset(done), frozenset(n for n in matched if n not in done),
+                    {n: (r if r["run"] == n else dict(r, run=n)) for n, r in matched.items() if n in done},
+                    {n: r["run"] for n, r in matched.items() if r["run"] != n})
 
 
 def has_work(plan: Plan, unit: Unit) -> bool:

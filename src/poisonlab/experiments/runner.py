@@ -15,13 +15,14 @@ shares settings with an earlier one, only computes what is new. Outputs:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 from poisonlab.experiments.cache import ArtifactCache
 from poisonlab.experiments.config import ExperimentConfig
 from poisonlab.experiments.executors import GridProgress, run_local, run_ray
-from poisonlab.experiments.plan import Plan, build_plan, load_result_rows
+from poisonlab.experiments.plan import Plan, build_plan
 from poisonlab.experiments.stages import dataset_splits
 from poisonlab.report.tables import write_results
 from poisonlab.utils import atomic_write_json
@@ -58,14 +59,15 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | None 
     cache = ArtifactCache(cache_dir or out / "cache")
     plan = build_plan(cfg, out, cache)
     log(f"{cfg.name}: " + plan.describe())
-    old = {r["run"]: r for r in load_result_rows(out)}
-    rows: dict[str, dict[str, Any]] = {r: old[r] for r in plan.done}
+    rows: dict[str, dict[str, Any]] = dict(plan.earlier_rows)
     # data present, attacks and models fit it: before any work (and in a dry run, which promises a runnable plan)
     loaded = check_attacks_fit(plan, data_dir) if plan.units else {}
     if dry_run:
         return [rows[r] for r in plan.runs if r in rows]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg.model_dump())
+    if plan.renamed:
+        rename_earlier_runs(plan, out)
     on_rows = _row_sink(plan, out, rows, mlflow_uri)
     view = GridProgress(plan, log)
     if executor == "ray":
@@ -123,6 +125,46 @@ def check_model_fits(cell: Any, train: Any) -> None:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(f"[model] name = {m.name!r} cannot take the {cell.labels.get('dataset', 'dataset')} images "
                           f"({h}x{w}x{c}): {first}") from None
+
+
+def rename_earlier_runs(plan: Plan, out: Path) -> None:
+    """Give the rows ``out`` holds under older names (see :attr:`Plan.renamed`) their current names.
+
+    Each finished run's ``runs/<old>.json`` is rewritten as ``runs/<new>.json`` (its row renamed; the
+    plots it names keep their files), ``results.json`` / ``results.csv`` are rewritten with the new
+    names, and only then are the old run files removed, so a process killed at any point leaves a
+    folder that the report reads and the next run resumes. Old names are taken from a file anyone could
+    have edited: one that is not a plain file name inside ``runs/`` is left alone.
+    """
+    runs_dir = out / "runs"
+    details: dict[str, Any] = {}
+    for new, old in plan.renamed.items():
+        src = _run_file(runs_dir, old)
+        if new not in plan.done or src is None:
+            continue
+        try:
+            detail = json.loads(src.read_text())
+        except (OSError, ValueError):
+            continue  # a missing or damaged run file: the row stays, the report warns about the file
+        if isinstance(detail, dict):
+            if isinstance(detail.get("row"), dict):
+                detail["row"] = dict(detail["row"], run=new)
+            details[new] = detail
+    for new, detail in details.items():
+        atomic_write_json(runs_dir / f"{new}.json", detail)
+    write_results(out, [plan.earlier_rows[r] for r in plan.runs if r in plan.earlier_rows])
+    for old in set(plan.renamed.values()) - set(plan.runs):
+        src = _run_file(runs_dir, old)
+        if src is not None:
+            src.unlink(missing_ok=True)
+
+
+def _run_file(runs_dir: Path, name: str) -> Path | None:
+    """``runs_dir/<name>.json`` when ``name`` is a plain file name (no separator, not . or ..), else None."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).name != name:
+        return None
+    f = runs_dir / f"{name}.json"
+    return f if f.is_file() and not f.is_symlink() else None
 
 
 def _row_sink(plan: Plan, out: Path, rows: dict[str, dict[str, Any]], mlflow_uri: str | None

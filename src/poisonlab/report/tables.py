@@ -101,15 +101,43 @@ def write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def load_rows(out: Path) -> list[dict[str, Any]]:
-    """Result rows of ``out``: results.json if present, else results.csv (values as strings)."""
-    if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
-    if (out / "results.csv").is_file():
-        with open(out / "results.csv", newline="") as f:
-            return [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
+    """Result rows of ``out``: results.json if present, else results.csv (values as strings).
+
+    The folder may not be ours: a file that is not a list of JSON objects each with a string ``run``
+    (truncated, ``{}``, ``[1, 2, 3]``, not UTF-8) is a :class:`~poisonlab.errors.ConfigError` naming it.
+    """
     from poisonlab.errors import ConfigError
 
-    raise ConfigError(f"{out}: no results.json or results.csv here (is this a poisonlab results directory?)")
+    f = out / "results.json"
+    if f.is_file():
+        try:
+            rows = json.loads(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{f}: not UTF-8 text (is this a poisonlab results file?)") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{f}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); a truncated file? "
+                              "`poisonlab run` with the same config and --out rewrites it") from None
+    elif (out / "results.csv").is_file():
+        f = out / "results.csv"
+        try:
+            with open(f, newline="", encoding="utf-8") as fh:
+                rows = [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(fh)]
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ConfigError(f"{f}: not a readable CSV table ({type(e).__name__})") from None
+    else:
+        raise ConfigError(f"{out}: no results.json or results.csv here (is this a poisonlab results directory?)")
+    if not isinstance(rows, list):
+        raise ConfigError(f"{f}: expected a list of result rows (JSON objects), found {_json_kind(rows)}")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("run"), str):
+            found = _json_kind(r) if not isinstance(r, dict) else "an object without a string 'run'"
+            raise ConfigError(f"{f}: row {i} must be a result row (an object with a string 'run'), found {found}")
+    return rows
+
+
+def _json_kind(v: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__)
 
 
 def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
