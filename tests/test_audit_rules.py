@@ -153,3 +153,51 @@ def test_fold_recipe_picks_airnet_where_it_fits_and_keeps_probabilities_unsmooth
         AuditConfig(preset="nope").check()
     with pytest.raises(ParameterError, match="batch_size"):
         AuditConfig(batch_size=0).check()
+
+
+def test_unlearned_trigger_ranks_the_inflated_class_by_label_issue():
+    from poisonlab.audit import unlearned_poisons
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2, 3, 4], [160, 100, 100, 100, 100])  # class 0 inflated by 60
+    poisons = np.arange(60)  # the first 60 of class 0: other classes' images, trigger not learnt
+    issues = rng.random(len(labels)) < 0.05  # hard images everywhere
+    issues[poisons] = True
+    issue_scores = rng.random(len(labels)) * 0.5
+    issue_scores[poisons] = 0.6 + 0.4 * rng.random(60)
+    assert unlearned_poisons(labels, issues)[0] >= 50 and unlearned_poisons(labels, issues)[1:].max() <= 3
+    ac_flags = np.zeros(len(labels), bool)
+    ac_scores = rng.random(len(labels)) * 0.1  # no cluster
+    rank = (rng.random(len(labels)), rng.random(len(labels)))
+    flags, info = trigger_cluster_flags(labels, ac_flags, ac_scores, rank, issues=issues, issue_scores=issue_scores)
+    n = info["0"]["estimated_poisons"]
+    assert info["0"]["unlearned_poisons"] >= n / 2 and flags.sum() == n
+    assert flags[poisons].sum() == min(n, 60) and not flags[160:].any()
+    # without the label-issue evidence the same class is ranked by the (here uninformative) rank scores
+    flags0, info0 = trigger_cluster_flags(labels, ac_flags, ac_scores, rank)
+    assert "unlearned_poisons" not in info0["0"] and flags0[poisons].sum() < 0.5 * n
+
+
+def test_split_that_matches_the_excess_ranks_by_cluster_even_with_a_low_silhouette():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2, 3, 4], [160, 100, 100, 100, 100])
+    ac_scores = np.zeros(len(labels))
+    ac_scores[:60] = 0.2 + 0.1 * rng.random(60)  # a small side of 60 (excess 60): the poisons
+    ac_scores[60:160] = -0.1 * rng.random(100)
+    rank = (rng.random(len(labels)), rng.random(len(labels)))
+    flags, info = trigger_cluster_flags(labels, np.zeros(len(labels), bool), ac_scores, rank,
+                                        split_sizes=np.array([60, 30, 0, 0, 0]))
+    assert info["0"].get("split_matches_excess") and flags[:60].sum() == info["0"]["estimated_poisons"]
+    assert not info["1"].get("suspicious", False) and not flags[160:].any()
+
+
+def test_poison_side_picks_the_surer_side_when_both_fit_the_excess():
+    from poisonlab.audit import poison_side
+
+    ac = np.r_[np.full(50, 0.3), np.full(50, -0.3)]  # 50 / 50 split
+    sure_big = np.r_[np.full(50, 0.3), np.full(50, 0.01)]  # 1 - p(given): the big side is predicted surely
+    assert (poison_side(ac, sure_big, excess=50.0, size_band=(0.5, 2.0)) == -ac).all()
+    sure_small = sure_big[::-1]
+    assert (poison_side(ac, sure_small, 50.0, (0.5, 2.0)) == ac).all()
+    assert (poison_side(ac, sure_big, 20.0, (0.5, 2.0)) == ac).all()  # sides too big for the excess: size decides
+    assert (poison_side(ac, None, 50.0, (0.5, 2.0)) == ac).all()

@@ -353,11 +353,13 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
             entry["suspicious"] = False
             continue
         if small and n_poison:
-            score = ac_scores[idx]
+            score = poison_side(ac_scores[idx], issue_scores[idx] if issue_scores is not None else None,
+                                excess, size_band)
         elif excess >= max(min_excess_sigmas * np.sqrt(median), min_excess_share * median):
             split = int(split_sizes[c]) if split_sizes is not None and c < len(split_sizes) else 0
             if size_band[0] * excess <= split <= size_band[1] * excess:
-                score = ac_scores[idx]
+                score = poison_side(ac_scores[idx], issue_scores[idx] if issue_scores is not None else None,
+                                    excess, size_band)
                 entry["split_matches_excess"] = True
             else:
                 score = sum(np.argsort(np.argsort(r[idx])) for r in rank_scores) / 2.0
@@ -371,6 +373,25 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
         flags[idx[top_k_mask(score, n_poison)]] = True
         entry["estimated_poisons"] = n_poison
     return flags, info
+
+
+def poison_side(ac_scores: np.ndarray, issue_scores: np.ndarray | None, excess: float,
+                size_band: tuple[float, float]) -> np.ndarray:
+    """Within one class split by 2-means: a score ranking the side that holds the poisons first.
+
+    ``ac_scores`` > 0 marks the smaller cluster (closer to its centre = higher). When both sides are
+    0.5x-2x the class excess (a backdoor on about half the class), size cannot tell them apart; a
+    trigger the fold models learnt is then predicted more surely than the class's natural images
+    (on the audit suite's tuning half: mean p(given) 0.99 vs 0.76 and 0.95 vs 0.70), so the side
+    with the lower mean ``issue_scores`` (1 - p(given)) is the poisons'. Otherwise the smaller side.
+    """
+    small = ac_scores > 0
+    if issue_scores is None or small.all() or not small.any():
+        return ac_scores
+    lo, hi = size_band[0] * excess, size_band[1] * excess
+    if not (lo <= small.sum() <= hi and lo <= (~small).sum() <= hi):
+        return ac_scores
+    return ac_scores if issue_scores[small].mean() <= issue_scores[~small].mean() else -ac_scores
 
 
 def split_sizes(labels: np.ndarray, class_info: dict[str, dict[str, Any]]) -> np.ndarray:
