@@ -189,3 +189,14 @@ def test_7_federated_nan_fraction_is_a_clear_error():
 
     with pytest.raises((ValueError, ConfigError, ParameterError), match="finite"):
         FederatedConfig.model_validate({"malicious": {"fraction": float("nan")}})
+
+
+def test_6_a_defence_whose_trusted_set_would_be_too_small_fails_before_any_work(tmp_path):
+    """300 digits x clean_fraction 0.05 = 15 trusted images; STRIP needs 4 per class of 10."""
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(QUICK + '[[defenses]]\nname = "strip"\n')
+    out = tmp_path / "o"
+    _clean_error(_run("run", str(cfg), "--out", str(out)), "strip", "clean_fraction", "40")
+    assert not (out / "results.csv").exists()
+    cfg.write_text(QUICK.replace('seeds = [0]', 'seeds = [0]\nclean_fraction = 0.2') + '[[defenses]]\nname = "strip"\n')
+    assert _run("run", str(cfg), "--out", str(out), "--dry-run").exit_code == 0

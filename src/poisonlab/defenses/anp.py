@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from poisonlab.validate import check_choice, check_range
 from poisonlab.defenses._bb_common import batch_norms, device_of
-from poisonlab.defenses._repair import require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.training.loop import predict_logits
 
@@ -167,6 +167,7 @@ class ANP(Defense):
     """
 
     kind = "repair"
+    min_clean_per_class = MIN_CLEAN_PER_CLASS
     retrains = False
 
     def __init__(self, eps: float = 0.4, steps: int = 1, alpha: float = 0.2, lr: float = 0.2, iterations: int = 300,

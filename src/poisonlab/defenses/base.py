@@ -118,6 +118,8 @@ class Defense(ABC):
 
     kind: ClassVar[str] = "training"
     retrains: ClassVar[bool] = False  # True if run() trains a new model
+    # images per class the trusted clean set must hold (0: the defence uses none); checked at plan time
+    min_clean_per_class: ClassVar[int] = 0
     registry_name: ClassVar[str] = ""
 
     def params(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from poisonlab.data.imageset import ImageSet
-from poisonlab.defenses._repair import finetune_copy, require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.training.loop import predict_logits
 from poisonlab.validate import check_range, check_tuning
@@ -190,6 +190,7 @@ class FinePruning(Defense):
     """
 
     kind = "repair"
+    min_clean_per_class = MIN_CLEAN_PER_CLASS
     retrains = False
 
     def __init__(self, margin: float = 0.05, max_fraction: float = 0.95, epochs: int = 10, lr: float = 0.01,

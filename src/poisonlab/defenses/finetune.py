@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from poisonlab.defenses._repair import finetune_copy, pick, require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, pick, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
 from poisonlab.validate import check_rate, check_tuning
@@ -23,6 +23,7 @@ class FineTune(Defense):
     """
 
     kind = "repair"
+    min_clean_per_class = MIN_CLEAN_PER_CLASS
     retrains = False
 
     def __init__(self, epochs: int = 10, lr: float = 0.01, batch_size: int = 64):

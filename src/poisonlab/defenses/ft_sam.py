@@ -12,7 +12,7 @@ from torch import nn
 
 from poisonlab.validate import check_range
 from poisonlab.defenses._bb_common import BATCH_NORMS, batches, device_of
-from poisonlab.defenses._repair import require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
 
@@ -91,6 +91,7 @@ class FTSAM(Defense):
     """
 
     kind = "repair"
+    min_clean_per_class = MIN_CLEAN_PER_CLASS
     retrains = False
 
     def __init__(self, epochs: int = 20, lr: float = 0.01, batch_size: int = 256, rho: float = 2.0,

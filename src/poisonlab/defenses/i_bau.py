@@ -12,7 +12,7 @@ from torch import nn
 
 from poisonlab.validate import check_range
 from poisonlab.defenses._bb_common import device_of
-from poisonlab.defenses._repair import require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
 
@@ -79,6 +79,7 @@ class IBAU(Defense):
     """
 
     kind = "repair"
+    min_clean_per_class = MIN_CLEAN_PER_CLASS
     retrains = False
 
     def __init__(self, rounds: int = 5, k: int = 5, lr: float = 1e-4, batch_size: int = 256, portion: float = 0.01,

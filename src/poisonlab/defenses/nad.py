@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from poisonlab.validate import check_range
 from poisonlab.defenses._bb_common import StageTap, batches, device_of
-from poisonlab.defenses._repair import finetune_copy, require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
 
@@ -63,6 +63,7 @@ class NAD(Defense):
     """
 
     kind = "repair"
+    min_clean_per_class = MIN_CLEAN_PER_CLASS
     retrains = False
 
     def __init__(self, teacher_epochs: int = 10, epochs: int = 10, lr: float = 0.01, batch_size: int = 256,

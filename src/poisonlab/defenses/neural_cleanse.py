@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonlab.data.imageset import to_uint8_nhwc
-from poisonlab.defenses._repair import finetune_copy, pick, require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, pick, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.metrics import robust_z
 from poisonlab.validate import check_range, check_tuning
@@ -140,6 +140,7 @@ class NeuralCleanse(Defense):
     """
 
     kind = "repair"
+    min_clean_per_class = MIN_CLEAN_PER_CLASS
     retrains = False
 
     def __init__(self, steps: int = 300, batch_size: int = 32, lr: float = 0.1, init_cost: float = 1e-2,

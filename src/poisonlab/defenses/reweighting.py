@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from poisonlab.data.imageset import ImageSet
-from poisonlab.defenses._repair import require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.validate import check_range
 
@@ -86,6 +86,7 @@ class Reweighting(Defense):
     """
 
     kind = "training"
+    min_clean_per_class = MIN_CLEAN_PER_CLASS
     retrains = True
 
     def __init__(self, meta_batch_size: int = 100):

@@ -148,6 +148,7 @@ class Strip(Defense):
     """
 
     kind = "detection"
+    min_clean_per_class = 4
     retrains = False
 
     def __init__(self, n: int = 20, frr: float = 0.01, alpha: float | None = None, batch_size: int = 64,

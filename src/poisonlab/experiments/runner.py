@@ -98,11 +98,31 @@ def check_attacks_fit(plan: Plan, data_dir: str | None) -> dict[str, Any]:
             loaded[cell.data_key] = data = dataset_splits(cell.dataset, data_dir)
             for attack in plan.attacks:
                 attack.build().check(data.train)
+            check_trusted_set(plan, data.train)
         key = (cell.data_key, repr(cell.model))
         if key not in models_checked:
             models_checked.add(key)
             check_model_fits(cell, loaded[cell.data_key].train)
     return loaded
+
+
+def check_trusted_set(plan: Plan, train: Any) -> None:
+    """Refuse, before any training, a defence whose trusted clean set would be too small.
+
+    The trusted set is ``clean_fraction`` of the training set (at least one image per class, see
+    :meth:`~poisonlab.experiments.stages.Workspace.trusted_set`); a defence declares the images per
+    class it needs as ``min_clean_per_class``.
+    """
+    from poisonlab.errors import ConfigError
+
+    k, n, frac = train.num_classes, len(train), plan.cfg.clean_fraction
+    have = max(k, int(frac * n))
+    for d in plan.defenses:
+        per_class = type(d.build()).min_clean_per_class
+        if per_class and have < per_class * k:
+            raise ConfigError(f"defense {d.label}: the trusted clean set would hold {have} images (clean_fraction "
+                              f"{frac} of {n}), fewer than the {per_class * k} it needs ({per_class} per class for "
+                              f"{k} classes); raise clean_fraction to at least {per_class * k / n:.3g}")
 
 
 def check_model_fits(cell: Any, train: Any) -> None:
