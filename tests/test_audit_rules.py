@@ -201,3 +201,22 @@ def test_poison_side_picks_the_surer_side_when_both_fit_the_excess():
     assert (poison_side(ac, sure_small, 50.0, (0.5, 2.0)) == ac).all()
     assert (poison_side(ac, sure_big, 20.0, (0.5, 2.0)) == ac).all()  # sides too big for the excess: size decides
     assert (poison_side(ac, None, 50.0, (0.5, 2.0)) == ac).all()
+
+
+def test_clean_label_cluster_is_found_by_its_outstanding_split_and_clean_folders_are_left_alone():
+    from poisonlab.audit import clean_label_flags
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(6), 100)
+    ac_scores = np.where(rng.random(600) < 0.3, 0.2, -0.2)  # every class split 30/70
+    issue_scores = rng.random(600) * 0.4
+    sure = (labels == 5) & (ac_scores > 0)
+    issue_scores[sure] = 0.01  # class 5's small side is predicted surely: a learnt clean-label trigger
+    sil = [0.10, 0.12, 0.11, 0.09, 0.105, 0.40]
+    info = {str(c): {"silhouette": s} for c, s in enumerate(sil)}
+    flags, out = clean_label_flags(labels, ac_scores, issue_scores, info, min_z=3.0)
+    assert np.array_equal(flags, sure) and out["5"]["clean_label_z"] >= 3.0 and set(out) == {"5"}
+    # the same class already explained by another rule is skipped; a clean folder (no outstanding split) is left alone
+    assert not clean_label_flags(labels, ac_scores, issue_scores, info, 3.0, skip={5})[0].any()
+    calm = {str(c): {"silhouette": s} for c, s in enumerate([0.10, 0.12, 0.11, 0.09, 0.105, 0.13])}
+    assert not clean_label_flags(labels, ac_scores, issue_scores, calm, 3.0)[0].any()
