@@ -260,7 +260,7 @@ def score(folder: Folder, cv: dict[str, np.ndarray], cfg: AuditConfig) -> dict[s
     reasons = np.asarray(ev["reasons"], dtype=object)[keep]
     return {"folder": folder.name, "kind": folder.kind, "family": folder.family, "half": folder.half,
             "images": int(keep.sum()), "poisoned": int(truth.sum()), "flagged": int(flagged.sum()),
-            "precision": tp / flagged.sum() if flagged.sum() else (1.0 if not truth.sum() else 0.0),
+            "precision": (tp / flagged.sum() if flagged.sum() else 0.0) if truth.sum() else None,
             "recall": tp / truth.sum() if truth.sum() else None,
             "flagged_share": float(flagged.mean()),
             "cv_accuracy": cv_accuracy(cv["labels"], cv["probs"]),
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         cv = cross_validated(folder, train, test, n, cv_cfg, out / "cache", log=lambda s: print("   ", s, flush=True))
         rows.append(score(folder, cv, rule_cfg))
         r = rows[-1]
-        print(f"    precision {r['precision']:.3f} recall {fmt(r['recall'])} flagged {r['flagged']} "
+        print(f"    precision {fmt(r['precision'])} recall {fmt(r['recall'])} flagged {r['flagged']} "
               f"({r['flagged_share']:.2%}) cv accuracy {r['cv_accuracy']:.3f} {r['seconds']:.0f} s", flush=True)
     if not rows:
         print("no folder matches --half/--only")

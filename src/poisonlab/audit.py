@@ -469,8 +469,9 @@ def clean_label_flags(labels: np.ndarray, ac_scores: np.ndarray, issue_scores: n
     ``min_z``; the side its images are predicted on more surely (lower mean ``issue_scores``,
     1 - p(given): a learnt trigger is surer than the class's natural images) is flagged.
 
-    ``min_z`` (the audit's default 3.0) was set on the audit suite's tuning half: over the 108
-    unpoisoned classes of its 12 folders the largest z was 1.5; its clean-label folder scored 3.5.
+    ``min_z`` (the audit's default 3.0) was set on the audit suite's tuning half: over its 94
+    unpoisoned classes (the 12 folders' classes that no poison touched) the largest z was 2.58; its
+    clean-label (SIG) folder's target class scored 3.54.
     Needs at least 5 classes. Returns the flags and, per flagged class, ``clean_label_z``.
     """
     flags = np.zeros(len(labels), dtype=bool)
