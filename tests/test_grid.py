@@ -327,8 +327,9 @@ def test_frozen_feature_victim_starts_from_clean_model(tmp_path, monkeypatch):
 def test_defences_run_when_the_attack_leaves_no_clean_sample(tmp_path):
     # class-wise noise perturbs every image: a defence that needs no trusted set still runs,
     # one that needs it fails its own row with an error naming the clean set
+    # clean_fraction 0.2 (60 of 300 images) passes the plan-time size check; the attack then leaves none
     cfg = _cfg([{"name": "t_noop_a"}, {"name": "finetune", "epochs": 1}],
-               attacks=[{"name": "classwise_random"}])
+               attacks=[{"name": "classwise_random"}], clean_fraction=0.2)
     rows = run_experiment(cfg, tmp_path, progress=False, log=lambda s: None)
     noop = next(r for r in rows if r["defense"] == "t_noop_a")
     fine = next(r for r in rows if r["defense"].startswith("finetune"))
