@@ -360,22 +360,21 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
             flags[idx] = False
             entry["suspicious"] = False
             continue
+        class_issues = issue_scores[idx] if issue_scores is not None else None
         if small and n_poison:
-            score = poison_side(ac_scores[idx], issue_scores[idx] if issue_scores is not None else None,
-                                excess, size_band)
+            score = poison_side(ac_scores[idx], class_issues, excess, size_band)
         elif excess >= max(min_excess_sigmas * np.sqrt(median), min_excess_share * median):
             split = int(split_sizes[c]) if split_sizes is not None and c < len(split_sizes) else 0
             if size_band[0] * excess <= split <= size_band[1] * excess:
-                score = poison_side(ac_scores[idx], issue_scores[idx] if issue_scores is not None else None,
-                                    excess, size_band)
+                score = poison_side(ac_scores[idx], class_issues, excess, size_band)
                 entry["split_matches_excess"] = True
             else:
                 score = sum(np.argsort(np.argsort(r[idx])) for r in rank_scores) / 2.0
             entry.update(suspicious=True, by_excess=True)
         else:
             continue
-        if issue_scores is not None and 2 * extra[c] >= n_poison:  # an unlearned trigger: rank by label issue
-            score = issue_scores[idx]
+        if class_issues is not None and 2 * extra[c] >= n_poison:  # an unlearned trigger: rank by label issue
+            score = class_issues
             entry["unlearned_poisons"] = int(extra[c])
         flags[idx] = False
         flags[idx[top_k_mask(score, n_poison)]] = True
@@ -399,7 +398,12 @@ def poison_side(ac_scores: np.ndarray, issue_scores: np.ndarray | None, excess: 
     lo, hi = size_band[0] * excess, size_band[1] * excess
     if not (lo <= small.sum() <= hi and lo <= (~small).sum() <= hi):
         return ac_scores
-    return ac_scores if issue_scores[small].mean() <= issue_scores[~small].mean() else -ac_scores
+    return ac_scores if surer_is_small(small, issue_scores) else -ac_scores
+
+
+def surer_is_small(small: np.ndarray, issue_scores: np.ndarray) -> bool:
+    """Whether the ``small`` side of a split is predicted at least as surely (mean 1 - p(given)) as the rest."""
+    return bool(issue_scores[small].mean() <= issue_scores[~small].mean())
 
 
 def split_sizes(labels: np.ndarray, class_info: dict[str, dict[str, Any]]) -> np.ndarray:
@@ -478,19 +482,18 @@ def clean_label_flags(labels: np.ndarray, ac_scores: np.ndarray, issue_scores: n
     classes = [c for c in np.unique(labels) if "silhouette" in class_info.get(str(c), {})]
     if len(classes) < 5:
         return flags, {}
-    sil = np.array([class_info[str(c)]["silhouette"] for c in classes])
-    med = float(np.median(sil))
-    mad = 1.4826 * float(np.median(np.abs(sil - med)))
+    from poisonlab.metrics import robust_z
+
+    zs = robust_z(np.array([class_info[str(c)]["silhouette"] for c in classes]), min_mad=1e-6)
     out: dict[str, dict[str, Any]] = {}
-    for c, sc in zip(classes, sil):
-        z = (sc - med) / max(mad, 1e-6)
+    for c, z in zip(classes, zs):
         if int(c) in skip or z < min_z:
             continue
         idx = np.nonzero(labels == c)[0]
         small = ac_scores[idx] > 0
         if small.all() or not small.any():
             continue
-        side = small if issue_scores[idx][small].mean() <= issue_scores[idx][~small].mean() else ~small
+        side = small if surer_is_small(small, issue_scores[idx]) else ~small
         flags[idx[side]] = True
         out[str(int(c))] = {"clean_label_z": round(float(z), 2), "clean_label_flagged": int(side.sum())}
     return flags, out
