@@ -81,3 +81,25 @@ def test_set_refuses_a_field_the_audit_does_not_have():
         "min_pair_share": 0.1, "require_class_excess": False}
     with pytest.raises(SystemExit, match="not an AuditConfig field"):
         S.parse_set(["no_such=1"])
+
+
+def test_flip_bound_counts_the_oracle_pairs_and_the_argmax_ceiling():
+    _p = Path(__file__).resolve().parents[1] / "benchmarks" / "audit_flip_bound.py"
+    spec = importlib.util.spec_from_file_location("audit_flip_bound", _p)
+    fb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fb)
+    true = np.repeat(np.arange(4), 50)
+    labels = true.copy()
+    flipped = np.zeros(len(true), dtype=bool)
+    flipped[[0, 1, 2, 3, 50, 51, 52, 53]] = True  # 0 <-> 1 swapped for four images each
+    labels[flipped] = 1 - true[flipped]
+    probs = np.full((len(true), 4), 0.02)
+    probs[np.arange(len(true)), true] = 0.94  # the model sees every image's true class ...
+    probs[[0, 50]] = [0.3, 0.3, 0.2, 0.2]  # ... except two flipped images: no confident class
+    probs[[0, 50], [1, 0]] = 0.31  # their argmax is their (wrong) given label
+    probs /= probs.sum(1, keepdims=True)
+    out = fb.flip_bound(labels, true, probs, flipped, bars=(0.5,))
+    assert out["pairs"] == [(0, 1), (1, 0)] and out["flipped"] == 8
+    assert out["argmax_is_true_class"] == 6
+    row = {r["rule"]: r for r in out["rows"]}["any"]
+    assert row["flagged"] == 6 and row["precision"] == 1.0 and row["recall"] == 6 / 8
