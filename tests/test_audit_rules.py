@@ -176,6 +176,13 @@ def test_unlearned_trigger_ranks_the_inflated_class_by_label_issue():
     # without the label-issue evidence the same class is ranked by the (here uninformative) rank scores
     flags0, info0 = trigger_cluster_flags(labels, ac_flags, ac_scores, rank)
     assert "unlearned_poisons" not in info0["0"] and flags0[poisons].sum() < 0.5 * n
+    # a half-learnt trigger: 20 of the 60 poisons are label issues (a third of the estimate) -> still
+    # ranked by label issue; 2 of 60 (a learnt trigger's few issues) -> not
+    for n_issue, fires in ((20, True), (2, False)):
+        part = issues.copy()
+        part[poisons[n_issue:]] = False
+        _, inf = trigger_cluster_flags(labels, ac_flags, ac_scores, rank, issues=part, issue_scores=issue_scores)
+        assert ("unlearned_poisons" in inf["0"]) == fires, (n_issue, inf["0"])
 
 
 def test_split_that_matches_the_excess_ranks_by_cluster_even_with_a_low_silhouette():

@@ -88,6 +88,8 @@ class AuditConfig:
             classes are very unbalanced by nature.
         unlearned_poisons: in an inflated class, recognise a trigger the fold models did not learn
             (see :func:`trigger_cluster_flags`).
+        unlearned_share: ... when the class's label issues beyond the other classes' rate reach this
+            share of the estimated poisons, (0, 1].
         clean_label_z: flag a clean-label trigger cluster in a class whose split silhouette has at
             least this robust z-score among the folder's classes (:func:`clean_label_flags`);
             ``None`` turns the clean-label path off.
@@ -113,6 +115,7 @@ class AuditConfig:
     ac_silhouette_threshold: float = 0.25
     require_class_excess: bool = True
     unlearned_poisons: bool = True
+    unlearned_share: float = 0.25
     clean_label_z: float | None = 3.0
     bf16: bool | None = None
     seed: int = 0
@@ -126,6 +129,7 @@ class AuditConfig:
             raise ParameterError(f"epochs must be an integer in [1, 1000], got {self.epochs!r}")
         check_range(self.min_confidence, "min_confidence", 0, 1)
         check_range(self.min_pair_share, "min_pair_share", 0, 1)
+        check_range(self.unlearned_share, "unlearned_share", 0, 1, lo_open=True)
         check_range(self.certain_confidence, "certain_confidence", 0, 1)
         check_range(self.ac_size_threshold, "ac_size_threshold", 0, 0.5, lo_open=True)
         check_range(self.ac_silhouette_threshold, "ac_silhouette_threshold", -1, 1)
@@ -314,7 +318,7 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
                           rank_scores: tuple[np.ndarray, np.ndarray], size_band: tuple[float, float] = (0.5, 2.0),
                           min_excess_sigmas: float = 3.0, min_excess_share: float = 0.1,
                           issues: np.ndarray | None = None, issue_scores: np.ndarray | None = None,
-                          split_sizes: np.ndarray | None = None,
+                          split_sizes: np.ndarray | None = None, unlearned_share: float = 0.25,
                           ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
     """Activation clustering's flags, kept only where a class is inflated as a dirty-label backdoor inflates it.
 
@@ -334,10 +338,15 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
     With ``issues`` (confident learning's label issues) and ``issue_scores`` (1 - p(given label)),
     a trigger the fold models did not learn is recognised: its poisons still look like their true
     classes, so they are label issues of the inflated class. When the class's issues beyond the
-    other classes' median rate (:func:`unlearned_poisons`) make up at least half the estimated
-    poisons, the estimate's worth of the class's images with the highest ``issue_scores`` is
-    flagged instead of the cluster or rank choice (on the audit suite's tuning half, a 3x3 patch
-    at 1-3% was not learned by the fold models and sat outside any cluster).
+    other classes' median rate (:func:`unlearned_poisons`) make up at least ``unlearned_share`` of
+    the estimated poisons, the estimate's worth of the class's images with the highest
+    ``issue_scores`` is flagged instead of the cluster or rank choice (on the audit suite's tuning
+    half, a 3x3 patch at 1-3% was not learned by the fold models and sat outside any cluster).
+    ``unlearned_share`` was 0.5 until the suite's first report half (draw seed 101) showed a 3x3
+    patch at 5% that the fold models learnt for about a quarter of its poisons: 0.47 of the
+    estimate, a natural 2-means split chosen instead, precision 0.05. Over the draws 100 and 101
+    learnt triggers gave 0.00-0.03 and unlearned or half-learnt ones 0.47-0.99; 0.25 sits between
+    (draw 101 is therefore no longer held out; the suite reports a fresh draw).
 
     Returns:
         The new flags and, per class (str), the figures to add to the class report
@@ -373,7 +382,7 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
             entry.update(suspicious=True, by_excess=True)
         else:
             continue
-        if class_issues is not None and 2 * extra[c] >= n_poison:  # an unlearned trigger: rank by label issue
+        if class_issues is not None and extra[c] >= unlearned_share * n_poison:  # an unlearned trigger
             score = class_issues
             entry["unlearned_poisons"] = int(extra[c])
         flags[idx] = False
@@ -521,7 +530,7 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     if cfg.require_class_excess:
         ac_flags, excess_info = trigger_cluster_flags(
             y, ac_flags, s["activation_clustering"], (s["spectral_signatures"], s["pca_kmeans"]),
-            split_sizes=split_sizes(y, info),
+            split_sizes=split_sizes(y, info), unlearned_share=cfg.unlearned_share,
             **({"issues": f["confident_learning"], "issue_scores": s["confident_learning"]}
                if cfg.unlearned_poisons else {}))
     else:
