@@ -56,6 +56,21 @@ def test_cluster_without_excess_is_a_natural_sub_mode():
     assert not flags.any()
 
 
+def test_inflated_class_with_a_sub_mode_cluster_is_still_judged_by_its_excess():
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1, 2, 3, 4], [160, 100, 100, 100, 100])  # class 0 inflated by 60
+    poisons = np.arange(60)
+    ac = np.zeros(len(labels), bool)
+    ac[140:160] = True  # a 20-image natural sub-mode of class 0: outside the 30-120 band of the excess
+    ac_scores = np.where(ac, 0.5, -0.5)
+    rank = rng.random(len(labels)) * 0.5
+    rank[poisons] += 0.5  # the rank scores point at the poisons
+    flags, info = trigger_cluster_flags(labels, ac, ac_scores, (rank, rank))
+    n = info["0"]["estimated_poisons"]
+    assert info["0"]["by_excess"] and flags.sum() == n and flags[poisons].sum() == n
+    assert not flags[140:].any()
+
+
 def test_inflated_class_without_a_cluster_is_flagged_by_rank():
     rng = np.random.default_rng(2)
     labels, ac, score = _case(rng, [100, 100, 180, 100])  # excess 80, far above 3 sqrt(100) = 30
