@@ -18,8 +18,8 @@ Each folder is a stratified draw of ``--n`` (10,000) CIFAR-10 training images, p
 
 Halves, so that no rule is judged on the folders it was chosen on: the **tuning half** is draw seed 100
 of the tuning kinds; the **report half** is a later draw of the same kinds plus every held-out kind
-(kinds never seen while tuning). The first report half was draw 101 (``report-1``): it showed one rule
-failing (see docs/audit.md), that rule was changed while looking at it, so draw 101 is no longer held
+(kinds never seen while tuning). The first report half was draw 101 (``report-1``): it showed rules
+failing (see docs/audit.md), two rules were changed while looking at it, so draw 101 is no longer held
 out and the report half is now draw 102. Draw seeds 100-102 differ from the draws (0/1) on which the
 audit's defaults were first chosen (benchmarks/audit_cifar.py). Rules are changed by looking at
 ``--half tune`` (and ``report-1``) only; docs/audit.md reports ``--half report``.
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=os.environ.get("POISONLAB_DATA", "../shared/data"))
     ap.add_argument("--out", default="runs/audit-suite")
     ap.add_argument("--half", choices=[*HALVES.values(), "all"], default="all",
-                    help="which folders to run and show (change rules by looking at 'tune' only)")
+                    help="which folders to run and show (change rules by looking at 'tune' and 'report-1' only)")
     ap.add_argument("--only", default="", help="comma-separated folder kinds to run (default: every kind)")
     ap.add_argument("--n", type=int, default=10_000, help="images per folder")
     ap.add_argument("--quick", action="store_true",

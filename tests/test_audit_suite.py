@@ -9,11 +9,18 @@ import pytest
 
 from poisonlab.audit import AuditConfig
 
-_path = Path(__file__).resolve().parents[1] / "benchmarks" / "audit_suite.py"
-_spec = importlib.util.spec_from_file_location("audit_suite", _path)
-S = importlib.util.module_from_spec(_spec)
-sys.modules["audit_suite"] = S
-_spec.loader.exec_module(S)
+
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # the suite's dataclasses look their module up while being built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+S = _benchmark("audit_suite")
 
 
 def test_halves_never_share_a_folder_and_held_out_kinds_are_report_only():
@@ -87,10 +94,7 @@ def test_set_refuses_a_field_the_audit_does_not_have():
 
 
 def test_flip_bound_counts_the_oracle_pairs_and_the_argmax_ceiling():
-    _p = Path(__file__).resolve().parents[1] / "benchmarks" / "audit_flip_bound.py"
-    spec = importlib.util.spec_from_file_location("audit_flip_bound", _p)
-    fb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fb)
+    fb = _benchmark("audit_flip_bound")
     true = np.repeat(np.arange(4), 50)
     labels = true.copy()
     flipped = np.zeros(len(true), dtype=bool)

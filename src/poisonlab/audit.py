@@ -318,7 +318,8 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
                           rank_scores: tuple[np.ndarray, np.ndarray], size_band: tuple[float, float] = (0.5, 2.0),
                           min_excess_sigmas: float = 3.0, min_excess_share: float = 0.1,
                           issues: np.ndarray | None = None, issue_scores: np.ndarray | None = None,
-                          split_sizes: np.ndarray | None = None, unlearned_share: float = 0.25,
+                          split_sizes: np.ndarray | None = None,
+                          unlearned_share: float = AuditConfig.unlearned_share,
                           ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
     """Activation clustering's flags, kept only where a class is inflated as a dirty-label backdoor inflates it.
 
