@@ -126,6 +126,9 @@ def test_why_suspect_names_the_evidence_of_each_kind():
     sub_mode = why_suspect({"excess_over_median_class": 0.0, "small_share": 0.2, "silhouette": 0.3,
                             "suspicious": False, "decided_by": "size+silhouette"}, names, 0, 0)
     assert "natural sub-mode" in sub_mode
+    clean_label = why_suspect({"excess_over_median_class": -4.0, "small_share": 0.45, "silhouette": 0.28,
+                               "top_axis_ratio": 4.43, "clean_label_ratio": 4.43}, names, 442, 0)
+    assert "not inflated" in clean_label and "4.4x" in clean_label and "442 images" in clean_label
     pairs = why_suspect({"systematic_issues_to": {"2": 0.18}}, names, 0, 30)
     assert "18% of its images are confidently predicted as bird" in pairs
     assert why_suspect({"excess_over_median_class": 3.0, "small_share": 0.4, "silhouette": 0.1,
@@ -225,7 +228,7 @@ def test_poison_side_picks_the_surer_side_when_both_fit_the_excess():
     assert (poison_side(ac, None, 50.0, (0.5, 2.0)) == ac).all()
 
 
-def test_clean_label_cluster_is_found_by_its_outstanding_split_and_clean_folders_are_left_alone():
+def test_clean_label_cluster_is_found_by_its_dominant_axis_and_clean_folders_are_left_alone():
     from poisonlab.audit import clean_label_flags
 
     rng = np.random.default_rng(2)
@@ -234,11 +237,34 @@ def test_clean_label_cluster_is_found_by_its_outstanding_split_and_clean_folders
     issue_scores = rng.random(600) * 0.4
     sure = (labels == 5) & (ac_scores > 0)
     issue_scores[sure] = 0.01  # class 5's small side is predicted surely: a learnt clean-label trigger
-    sil = [0.10, 0.12, 0.11, 0.09, 0.105, 0.40]
-    info = {str(c): {"silhouette": s} for c, s in enumerate(sil)}
-    flags, out = clean_label_flags(labels, ac_scores, issue_scores, info, min_z=3.0)
-    assert np.array_equal(flags, sure) and out["5"]["clean_label_z"] >= 3.0 and set(out) == {"5"}
-    # the same class already explained by another rule is skipped; a clean folder (no outstanding split) is left alone
-    assert not clean_label_flags(labels, ac_scores, issue_scores, info, 3.0, skip={5})[0].any()
-    calm = {str(c): {"silhouette": s} for c, s in enumerate([0.10, 0.12, 0.11, 0.09, 0.105, 0.13])}
-    assert not clean_label_flags(labels, ac_scores, issue_scores, calm, 3.0)[0].any()
+    ratios = [1.4, 2.2, 1.1, 2.9, 1.6, 6.0]
+    info = {str(c): {"top_axis_ratio": r} for c, r in enumerate(ratios)}
+    flags, out = clean_label_flags(labels, ac_scores, issue_scores, info, min_ratio=3.1)
+    assert np.array_equal(flags, sure) and out == {"5": {"clean_label_ratio": 6.0, "clean_label_flagged": int(sure.sum())}}
+    # the same class already explained by another rule is skipped; a clean folder (no dominant axis) is left alone
+    assert not clean_label_flags(labels, ac_scores, issue_scores, info, 3.1, skip={5})[0].any()
+    calm = {str(c): {"top_axis_ratio": r} for c, r in enumerate([1.4, 2.2, 1.1, 2.9, 1.6, 2.0])}
+    assert not clean_label_flags(labels, ac_scores, issue_scores, calm, 3.1)[0].any()
+
+
+def test_top_axis_ratio_rises_where_half_a_class_shares_a_direction_the_others_do_not_vary_in():
+    """Synthetic features: six Gaussian classes; in the poisoned folder half of class 5 is moved along one
+    direction (a clean-label trigger). Whitened by the other classes, that direction dominates class 5
+    alone; in the clean folder no class reaches the audit's default bar."""
+    from poisonlab.audit import AuditConfig, run_detectors
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 200)
+    means = rng.normal(0, 3, (6, 32))
+    clean = means[labels] + rng.normal(0, 1, (1200, 32))
+    probs = np.full((1200, 6), 0.02)
+    probs[np.arange(1200), labels] = 0.9
+    bar = AuditConfig().clean_label_ratio
+    info = run_detectors(labels, probs, clean.astype(np.float32), AuditConfig()).class_info
+    assert max(info[str(c)]["top_axis_ratio"] for c in range(6)) < bar
+    poisoned = clean.copy()
+    idx = np.nonzero(labels == 5)[0][::2]
+    poisoned[idx] += 6.0 * np.eye(32)[7]  # 6 within-class standard deviations
+    info = run_detectors(labels, probs, poisoned.astype(np.float32), AuditConfig()).class_info
+    assert info["5"]["top_axis_ratio"] >= bar
+    assert max(info[str(c)]["top_axis_ratio"] for c in range(5)) < bar

@@ -32,9 +32,10 @@ def test_halves_never_share_a_folder_and_held_out_kinds_are_report_only():
     assert tune < report  # every tuning kind is reported on a new draw, and some kinds are never tuned on
     assert {f.seed for f in folders if f.half == "tune"} == {S.TUNE_SEED}
     assert {f.seed for f in folders if f.half == "report"} == {S.REPORT_SEED}
-    # the first report draw (looked at once a rule was changed on it) has the same kinds as the report half
+    # the earlier report draws (looked at once a rule was changed on them) have the same kinds as the report half
     assert {f.kind for f in folders if f.half == "report-1"} == report
-    assert len({S.TUNE_SEED, S.FIRST_REPORT_SEED, S.REPORT_SEED}) == 3
+    assert {f.kind for f in folders if f.half == "report-2"} == report
+    assert len({S.TUNE_SEED, S.FIRST_REPORT_SEED, S.SECOND_REPORT_SEED, S.REPORT_SEED}) == 4
     assert {"backdoor", "clean_label", "flip", "clean"} <= {f.family for f in folders if f.half == "report"}
 
 
