@@ -111,3 +111,23 @@ def test_flip_bound_counts_the_oracle_pairs_and_the_argmax_ceiling():
     assert out["argmax_is_true_class"] == 6
     row = {r["rule"]: r for r in out["rows"]}["any"]
     assert row["flagged"] == 6 and row["precision"] == 1.0 and row["recall"] == 6 / 8
+
+
+def test_clean_label_stats_mark_the_poisoned_class_and_refuse_the_report_half(slice_):
+    cs = _benchmark("audit_clean_label_stats")
+    clean, _ = slice_
+    n, labels = len(clean), clean.labels
+    rng = np.random.default_rng(0)
+    feats = (np.eye(clean.num_classes)[labels] @ rng.normal(0, 3, (clean.num_classes, 16))
+             + rng.normal(size=(n, 16))).astype(np.float32)
+    truth = (labels == 0) & (np.arange(n) % 2 == 0)
+    feats[truth, 3] += 6.0  # half of class 0 moved along one direction: a learnt clean-label trigger
+    probs = np.eye(clean.num_classes)[labels] * 0.9 + 0.01
+    probs[truth] = np.eye(clean.num_classes)[0] * 0.99 + 0.001
+    cv = {"labels": labels, "probs": probs, "features": feats, "truth": truth}
+    folder = next(f for f in S.suite() if f.kind == "sig-d20-half" and f.half == "tune")
+    rows = {r["class"]: r for r in cs.class_rows(folder, cv, AuditConfig())}
+    assert rows[0]["poisoned_share"] == pytest.approx(truth[labels == 0].mean(), abs=1e-3)
+    assert rows[0]["top_axis_ratio"] == max(r["top_axis_ratio"] for r in rows.values())
+    with pytest.raises(SystemExit):
+        cs.main(["--half", "report"])
