@@ -268,3 +268,24 @@ def test_top_axis_ratio_rises_where_half_a_class_shares_a_direction_the_others_d
     info = run_detectors(labels, probs, poisoned.astype(np.float32), AuditConfig()).class_info
     assert info["5"]["top_axis_ratio"] >= bar
     assert max(info[str(c)]["top_axis_ratio"] for c in range(5)) < bar
+
+def test_one_certain_label_issue_does_not_veto_the_clean_label_path():
+    """A class holding one image the fold models are all but certain is another class (any class may)
+    is still judged by the clean-label rule; it missed SIG on the audit suite's draw 103 before."""
+    from poisonlab.audit import AuditConfig, combine_evidence
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 200)
+    feats = rng.normal(0, 3, (6, 32))[labels] + rng.normal(0, 1, (1200, 32))
+    trig = np.nonzero(labels == 5)[0][::2]
+    feats[trig] += 6.0 * np.eye(32)[7]
+    probs = np.full((1200, 6), 0.02)
+    probs[np.arange(1200), labels] = 0.9
+    probs[trig] = np.eye(6)[5] * 0.99 + 0.002
+    odd = np.nonzero(labels == 5)[0][1]
+    probs[odd] = np.eye(6)[2] * 0.999 + 0.0002  # one certain label issue in class 5
+    ev = combine_evidence(labels, probs, feats.astype(np.float32), AuditConfig())
+    assert ev["finding"][odd] == "mislabelled"
+    assert "clean_label_ratio" in ev["class_info"]["5"]
+    flagged_trig = ev["flagged"][trig].mean()
+    assert flagged_trig > 0.9 and ev["flagged"][labels != 5].sum() == 0

@@ -568,11 +568,14 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
         info.setdefault(c, {}).update(extra)
     mislabelled, share = systematic_label_issues(y, cv_probs, f["confident_learning"], det.suggested,
                                                  cfg.min_pair_share, cfg.certain_confidence)
-    for c, pairs in systematic_pairs(share, cfg.min_pair_share).items():
-        info.setdefault(c, {})["systematic_issues_to"] = pairs
+    pairs = systematic_pairs(share, cfg.min_pair_share)
+    for c, to in pairs.items():
+        info.setdefault(c, {})["systematic_issues_to"] = to
     clean_label = np.zeros(len(y), dtype=bool)
     if cfg.clean_label_ratio is not None:
-        taken = {int(c) for c in np.unique(y[ac_flags | mislabelled])}
+        # classes another rule explains: a trigger cluster, or systematic label issues (flipped images
+        # cluster in their given class too); one certain label issue, which any class may hold, is not one
+        taken = {int(c) for c in np.unique(y[ac_flags])} | {int(c) for c in pairs}
         clean_label, cl_info = clean_label_flags(y, s["activation_clustering"], s["confident_learning"], info,
                                                  cfg.clean_label_ratio, skip=taken)
         for c, extra in cl_info.items():
