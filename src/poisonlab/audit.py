@@ -518,7 +518,8 @@ def clean_label_flags(labels: np.ndarray, ac_scores: np.ndarray, issue_scores: n
     100-102: 10 folders, 88 classes no poison touched): unpoisoned classes reached at most 2.78 (dogs,
     whose natural sub-modes are what the previous silhouette rule mistook for triggers) and the five
     clean-label targets (SIG, a checkerboard patch) at least 3.44; 3.1 is about midway. The suite's
-    report draw (seed 103) was not looked at when choosing it.
+    report draw (seed 103) was not looked at when choosing it; the 60% guard and the skip of classes
+    with systematic label issues only (not any flagged issue) were added after it was scored.
     Returns the flags and, per flagged class, ``clean_label_ratio`` and how many images were flagged.
     """
     flags = np.zeros(len(labels), dtype=bool)
