@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import audit_suite as S  # noqa: E402
 
-from poisonlab.audit import AuditConfig, run_detectors  # noqa: E402
+from poisonlab.audit import AuditConfig, run_detectors, surer_is_small  # noqa: E402
 from poisonlab.metrics import robust_z  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def class_rows(folder: S.Folder, cv: dict[str, np.ndarray], cfg: AuditConfig) ->
         small = ac[idx] > 0
         if small.all() or not small.any():
             continue
-        surer = small if p_given[idx][small].mean() >= p_given[idx][~small].mean() else ~small
+        surer = small if surer_is_small(small, 1 - p_given[idx]) else ~small
         rows.append({
             "folder": folder.name, "half": folder.half, "family": folder.family, "class": int(c),
             "poisoned_share": round(float(truth[idx].mean()), 3),

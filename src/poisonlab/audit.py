@@ -486,9 +486,11 @@ def top_axis_ratios(projected: np.ndarray, labels: np.ndarray) -> dict[int, floa
     its second: how much one direction dominates the class's variation. Classes with fewer than three
     images, or a flat second axis, are left out.
     """
+    from poisonlab.defenses.filters import class_indices
+
     out: dict[int, float] = {}
-    for c in np.unique(labels):
-        z = projected[labels == c]
+    for c, idx in class_indices(labels):
+        z = projected[idx]
         if len(z) < 3 or z.shape[1] < 2:
             continue
         v = z[:, :2].astype(np.float64).var(0)
