@@ -35,7 +35,8 @@ def test_halves_never_share_a_folder_and_held_out_kinds_are_report_only():
     # the earlier report draws (looked at once a rule was changed on them) have the same kinds as the report half
     assert {f.kind for f in folders if f.half == "report-1"} == report
     assert {f.kind for f in folders if f.half == "report-2"} == report
-    assert len({S.TUNE_SEED, S.FIRST_REPORT_SEED, S.SECOND_REPORT_SEED, S.REPORT_SEED}) == 4
+    assert {f.kind for f in folders if f.half == "report-3"} == report
+    assert len({S.TUNE_SEED, S.FIRST_REPORT_SEED, S.SECOND_REPORT_SEED, S.THIRD_REPORT_SEED, S.REPORT_SEED}) == 5
     assert {"backdoor", "clean_label", "flip", "clean"} <= {f.family for f in folders if f.half == "report"}
 
 
