@@ -134,6 +134,22 @@ def _synthetic_folder(seed=0):
     return y, probs.astype(np.float32), feats.astype(np.float32), poison, flips, hard
 
 
+def test_audit_cli_defaults_are_the_configs():
+    # the CLI keeps its defaults as literals (importing poisonlab.audit would import torch for --help)
+    import inspect
+
+    import typer
+
+    from poisonlab.cli import app
+
+    cmd = next(c for c in app.registered_commands if c.callback.__name__ == "audit")
+    params = inspect.signature(cmd.callback).parameters
+    cfg = AuditConfig()
+    for name in ("min_confidence", "min_pair_share", "seed"):
+        default = params[name].default
+        assert isinstance(default, typer.models.OptionInfo) and default.default == getattr(cfg, name), name
+
+
 def test_combine_evidence_rules_on_synthetic_folder():
     from poisonlab.audit import combine_evidence
 

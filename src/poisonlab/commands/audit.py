@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         grayscale: bool = typer.Option(False, "--grayscale", help="read images as one channel"),
         min_confidence: float = typer.Option(0.55, "--min-confidence",
                                              help="flag a label issue only if the suggested class is this probable"),
-        min_pair_share: float = typer.Option(0.15, "--min-pair-share",
+        min_pair_share: float = typer.Option(0.09, "--min-pair-share",
                                              help="flag a label issue only if its (given, suggested) pair holds this "
                                                   "share of the given class (or the model is all but certain)"),
         class_excess: bool = typer.Option(True, "--class-excess/--no-class-excess",
