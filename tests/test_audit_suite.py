@@ -33,10 +33,9 @@ def test_halves_never_share_a_folder_and_held_out_kinds_are_report_only():
     assert {f.seed for f in folders if f.half == "tune"} == {S.TUNE_SEED}
     assert {f.seed for f in folders if f.half == "report"} == {S.REPORT_SEED}
     # the earlier report draws (looked at once a rule was changed on them) have the same kinds as the report half
-    assert {f.kind for f in folders if f.half == "report-1"} == report
-    assert {f.kind for f in folders if f.half == "report-2"} == report
-    assert {f.kind for f in folders if f.half == "report-3"} == report
-    assert len({S.TUNE_SEED, S.FIRST_REPORT_SEED, S.SECOND_REPORT_SEED, S.THIRD_REPORT_SEED, S.REPORT_SEED}) == 5
+    for i in range(1, 5):
+        assert {f.kind for f in folders if f.half == f"report-{i}"} == report
+    assert len({S.TUNE_SEED, *S.EARLIER_REPORT_SEEDS, S.REPORT_SEED}) == 6
     assert {"backdoor", "clean_label", "flip", "clean"} <= {f.family for f in folders if f.half == "report"}
 
 
