@@ -42,10 +42,11 @@ def test_audit_cli_end_to_end(flipped_folder, tmp_path):
 
     root, truth = flipped_folder
     out = tmp_path / "out"
-    # random (scattered) flips: --min-pair-share 0 takes every confident-learning issue, as a
+    # random (scattered) flips: --min-pair-share 0 --min-pair-concentration 0 takes every confident-learning issue, as a
     # practitioner expecting random label noise would; the default reports systematic pairs only
     res = CliRunner().invoke(app, ["audit", str(root), "--out", str(out), "--folds", "3", "--epochs", "6",
-                                   "--image-size", "28", "--grayscale", "--quiet", "--min-pair-share", "0"])
+                                   "--image-size", "28", "--grayscale", "--quiet", "--min-pair-share", "0",
+                                   "--min-pair-concentration", "0"])
     assert res.exit_code == 0, res.output
     assert "flagged" in res.output
     with open(out / "suspicious.csv", newline="") as fh:
@@ -145,7 +146,7 @@ def test_audit_cli_defaults_are_the_configs():
     cmd = next(c for c in app.registered_commands if c.callback.__name__ == "audit")
     params = inspect.signature(cmd.callback).parameters
     cfg = AuditConfig()
-    for name in ("min_confidence", "min_pair_share", "seed"):
+    for name in ("min_confidence", "min_pair_share", "min_pair_concentration", "seed"):
         default = params[name].default
         assert isinstance(default, typer.models.OptionInfo) and default.default == getattr(cfg, name), name
 
@@ -165,7 +166,7 @@ def test_combine_evidence_rules_on_synthetic_folder():
     assert len(mis & set(flips)) >= 0.9 * len(flips) and not (mis & set(hard))
     assert ev["class_info"]["2"]["systematic_issues_to"].keys() == {"1"}
     assert (np.asarray(ev["suggested"])[flips] == 1).all()
-    # min_pair_share = 0: every confident-learning issue, scattered ones included
-    ev0 = combine_evidence(y, probs, feats, AuditConfig(min_pair_share=0.0))
+    # min_pair_share = min_pair_concentration = 0: every confident-learning issue, scattered ones included
+    ev0 = combine_evidence(y, probs, feats, AuditConfig(min_pair_share=0.0, min_pair_concentration=0.0))
     mis0 = set(np.nonzero(np.asarray(ev0["finding"]) == "mislabelled")[0])
     assert len(mis0 & set(hard)) >= 0.8 * len(hard)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from poisonlab.audit import (class_excess, estimated_poisons, spectral_flags_in_clustered_classes,
+from poisonlab.audit import (class_excess, estimated_poisons, label_pair_shares, spectral_flags_in_clustered_classes,
                              suspicion_score, systematic_label_issues, systematic_pairs, trigger_cluster_flags)
 
 
@@ -97,13 +97,38 @@ def test_systematic_label_issues_keep_pairs_and_near_certain_ones():
     probs[15] = [0.0, 0.001, 0.999]  # ... that the model is all but certain about
     issues[25] = True
     suggested[25] = 0  # a scattered, unsure one
-    mis, share = systematic_label_issues(labels, probs, issues, suggested, min_pair_share=0.3,
-                                         certain_confidence=0.995)
+    mis, share, systematic = systematic_label_issues(labels, probs, issues, suggested, min_pair_share=0.3,
+                                                     certain_confidence=0.995)
     assert np.nonzero(mis)[0].tolist() == [0, 1, 2, 3, 15]
     assert share[0, 1] == pytest.approx(0.4)
-    assert systematic_pairs(share, 0.3) == {"0": {"1": 0.4}}
-    mis, _ = systematic_label_issues(labels, probs, issues, suggested, min_pair_share=0.5, certain_confidence=1.0)
+    assert systematic_pairs(share, systematic) == {"0": {"1": 0.4}}
+    mis, _, _ = systematic_label_issues(labels, probs, issues, suggested, min_pair_share=0.5, certain_confidence=1.0)
     assert not mis.any()
+
+
+def test_a_pair_is_systematic_only_where_it_holds_most_of_its_class_issues():
+    # class 0 (100 images): 10 issues suggesting 1 and 10 spread over 2..5 -> the 0->1 pair holds 10% of the
+    # class but only half of its issues (a natural confusion); class 6: 8 issues suggesting 7, 1 suggesting 8
+    # -> 8% of the class and 89% of its issues (flips)
+    labels = np.repeat([0, 1, 2, 3, 4, 5, 6, 7, 8], 100)
+    suggested, issues = labels.copy(), np.zeros(len(labels), bool)
+    for i, to in enumerate([1] * 10 + [2, 3, 4, 5] * 2 + [2, 3]):
+        issues[i], suggested[i] = True, to
+    for i, to in enumerate([7] * 8 + [8]):
+        issues[600 + i], suggested[600 + i] = True, to
+    probs = np.full((len(labels), 9), 1 / 9)
+    share, conc = label_pair_shares(labels, issues, suggested, 9)
+    assert share[0, 1] == pytest.approx(0.10) and conc[0, 1] == pytest.approx(0.5)
+    assert share[6, 7] == pytest.approx(0.08) and conc[6, 7] == pytest.approx(8 / 9)
+    assert conc[1].sum() == 0  # a class without issues
+    mis, _, systematic = systematic_label_issues(labels, probs, issues, suggested, min_pair_share=0.06,
+                                                 certain_confidence=0.995, min_pair_concentration=0.8)
+    assert np.nonzero(systematic) == (np.array([6]), np.array([7]))
+    assert np.nonzero(mis)[0].tolist() == list(range(600, 608))
+    # without the concentration test, share alone takes the natural 0 -> 1 pair too
+    mis, _, _ = systematic_label_issues(labels, probs, issues, suggested, min_pair_share=0.06,
+                                        certain_confidence=0.995)
+    assert np.nonzero(mis)[0].tolist() == list(range(10)) + list(range(600, 608))
 
 
 def test_suspicion_score_ranks_flagged_above_unflagged():

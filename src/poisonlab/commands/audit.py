@@ -24,9 +24,13 @@ def register(app: typer.Typer) -> None:
         grayscale: bool = typer.Option(False, "--grayscale", help="read images as one channel"),
         min_confidence: float = typer.Option(0.55, "--min-confidence",
                                              help="flag a label issue only if the suggested class is this probable"),
-        min_pair_share: float = typer.Option(0.09, "--min-pair-share",
+        min_pair_share: float = typer.Option(0.06, "--min-pair-share",
                                              help="flag a label issue only if its (given, suggested) pair holds this "
-                                                  "share of the given class (or the model is all but certain)"),
+                                                  "share of the given class (or the model is all but certain) ..."),
+        min_pair_concentration: float = typer.Option(
+            0.8, "--min-pair-concentration",
+            help="... and this share of the class's label issues (0 and --min-pair-share 0: every label issue, "
+                 "for scattered random noise)"),
         class_excess: bool = typer.Option(True, "--class-excess/--no-class-excess",
                                           help="report a trigger cluster only in a class larger than the median "
                                                "class by about the cluster's size"),
@@ -52,7 +56,8 @@ def register(app: typer.Typer) -> None:
             if bf16 not in ("auto", "on", "off"):
                 raise ParameterError(f"--bf16 must be auto, on or off, got {bf16!r}")
             cfg = AuditConfig(folds=folds, epochs=epochs, model=model, min_confidence=min_confidence,
-                              min_pair_share=min_pair_share, require_class_excess=class_excess,
+                              min_pair_share=min_pair_share, min_pair_concentration=min_pair_concentration,
+                              require_class_excess=class_excess,
                               bf16={"auto": None, "on": True, "off": False}[bf16], seed=seed)
             res = audit_folder(folder, out, cfg, image_size=image_size, channels=1 if grayscale else 3,
                                progress=not quiet, log=lambda s: console.print(s, highlight=False, markup=False))
