@@ -1,6 +1,6 @@
 """Per-class statistics behind the audit's clean-label rule, read from the audit suite's cache (issue 19).
 
-    python benchmarks/audit_clean_label_stats.py --out runs/audit-suite --half report-2 --half report-1 --half tune
+    python benchmarks/audit_clean_label_stats.py --out runs/audit-suite --half report-4 --half report-3 --half report-2 --half report-1 --half tune
 
 For every cached folder of the chosen halves and every class in it, the figures a clean-label rule could
 use: the ratio of the class's top two eigenvalues in features whitened by the other classes
