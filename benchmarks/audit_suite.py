@@ -25,10 +25,10 @@ while looking at it. Draw 103 (``report-3``) was held out next; scoring it expos
 clean-label path, which was fixed while looking at it. Draw 104 (``report-4``) was then scored once with a
 lowered label-pair threshold, which falsely flagged the natural dog -> cat confusion in three of its
 folders; the pair rule was replaced while looking at it, so the report half is now draw 105 (``report``),
-whose cross-validation was cached (``--cv-only``; it does not depend on the rules) and which was scored once, after the rules were fixed. Draw seeds
-100-105 differ from the draws (0/1) on which the audit's defaults were first chosen
-(benchmarks/audit_cifar.py). Rules are changed by looking at ``--half tune`` and ``report-1`` to
-``report-4`` only; docs/audit.md reports ``--half report``.
+whose cross-validation was cached (``--cv-only``; it does not depend on the rules) and which was scored
+once, after the rules were fixed. Draw seeds 100-105 differ from the draws (0/1) on which the audit's
+defaults were first chosen (benchmarks/audit_cifar.py). Rules are changed by looking at ``--half tune``
+and ``report-1`` to ``report-4`` only; docs/audit.md reports ``--half report``.
 
 The expensive part, the audit's cross-validation (fold models' out-of-sample probabilities and the last
 fold model's features), runs once per folder and is cached in OUT/cache/<folder>.npz with its seconds and
