@@ -27,6 +27,17 @@ def test_fit_learns_and_repeats(digits):
     assert h1[-1]["loss"] < h1[0]["loss"]
 
 
+def test_progress_off_a_terminal_is_one_line_per_epoch(digits, capsys):
+    """Off a terminal (a background run's log file) the progress is a line per epoch on stderr: a live bar
+    would draw nothing there."""
+    tr, _ = digits
+    fit(build_model("fastnet", 1, 10, 8), tr, TrainConfig(epochs=3, batch_size=64), progress=True,
+        description="victim")
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" loss ")[0] for line in err] == [f"victim: epoch {i}/3" for i in (1, 2, 3)]
+    assert all(" acc " in line and line.endswith("s)") for line in err)
+
+
 def test_validation_plateau_and_early_stopping(digits):
     _, h = _train(digits, 0, epochs=30, val_fraction=0.2, schedule="plateau", early_stopping_patience=2,
                   early_stopping_metric="val_acc", optimizer="adam", lr=1e-3)

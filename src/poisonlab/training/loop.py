@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -453,7 +454,7 @@ def fit(
             if epoch_callback is not None:
                 epoch_callback(rec, s.model)
             if bar is not None:
-                bar.update(bar.task_ids[0], advance=1, info=_fmt(rec))
+                bar.advance(_fmt(rec) + f" ({rec['seconds']:.0f}s)")
             if stop:
                 rec["stopped_early"] = True
                 break
@@ -478,16 +479,43 @@ def _fmt(rec: dict) -> str:
     return s
 
 
-def _progress(enabled: bool, description: str, total: int):
+def _progress(enabled: bool, description: str, total: int) -> _Bar | _EpochLines | None:
+    """An epoch counter: a live bar on a terminal, one line per epoch on stderr elsewhere (a log file of a
+    run left in the background; rich draws nothing there, so hours of training would pass in silence)."""
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.console import Console
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                   TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=True)
-    bar.add_task(description, total=total, info="")
-    bar.start()
-    return bar
+    console = Console()
+    return _Bar(console, description, total) if console.is_terminal else _EpochLines(description, total)
+
+
+class _Bar:
+    def __init__(self, console: Any, description: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True)
+        self.task = self.bar.add_task(description, total=total, info="")
+        self.bar.start()
+
+    def advance(self, info: str) -> None:
+        self.bar.update(self.task, advance=1, info=info)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+class _EpochLines:
+    def __init__(self, description: str, total: int):
+        self.description, self.total, self.done = description or "training", total, 0
+
+    def advance(self, info: str) -> None:
+        self.done += 1
+        print(f"{self.description}: epoch {self.done}/{self.total} {info}", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        pass
 
 
 @torch.no_grad()
