@@ -148,3 +148,16 @@ def test_finetune_trigger_needs_a_trigger(digits, poisoned):
     _, flip = get_attack("random_flip", rate=0.1).poison(tr, seed=0)
     with pytest.raises(ParameterError, match="knows the trigger"):
         get_defense("finetune_trigger").run(_ctx(digits, poisoned, poisoning=flip))
+
+
+def test_finetunes_augment_like_backdoorbench(digits):
+    """Crop 4 + flip on 32x32 colour images, crop 4 without flip on 28x28 grey ones, nothing on 8x8."""
+    from poisonlab.data.imageset import ImageSet
+    from poisonlab.defenses._repair import finetune_augment
+
+    def blank(side, channels):
+        return ImageSet(np.zeros((10, side, side, channels), np.uint8), np.arange(10), [str(i) for i in range(10)])
+
+    assert finetune_augment(blank(32, 3)) == {"crop_padding": 4, "flip": True}
+    assert finetune_augment(blank(28, 1)) == {"crop_padding": 4, "flip": False}
+    assert finetune_augment(digits[0]) == {"crop_padding": 0, "flip": False}

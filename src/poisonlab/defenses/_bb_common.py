@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from poisonlab.data.imageset import ImageSet
+from poisonlab.defenses._repair import finetune_augment
 from poisonlab.errors import ParameterError
+from poisonlab.training.augment import augment_batch
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.ELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.PReLU)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -26,18 +28,21 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def batches(data: ImageSet, batch_size: int, epochs: int, gen: torch.Generator,
-            device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            device: torch.device | str = "cpu", augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``epochs`` shuffled passes over ``data`` in batches: float NCHW in [0, 1] and int64 labels on ``device``.
 
     The defences' own loops (gradient ascent, distillation, SAM, mask and hypergradient steps) draw
-    their batches here; plain fine-tuning goes through :func:`poisonlab.training.fit`.
+    their batches here; plain fine-tuning goes through :func:`poisonlab.training.fit`. ``augment``
+    applies :func:`poisonlab.defenses._repair.finetune_augment` (BackdoorBench's training transform).
     """
     x_all, y_all = data.tensors(device)
     bs = max(1, min(batch_size, len(data)))
+    aug = finetune_augment(data) if augment else {}
     for _ in range(epochs):
         for idx in torch.randperm(len(data), generator=gen).split(bs):
             idx = idx.to(device)
-            yield x_all[idx].float().div_(255), y_all[idx]
+            x = x_all[idx].float().div_(255)
+            yield (augment_batch(x, gen=gen, **aug) if aug else x), y_all[idx]
 
 
 def batch_norms(model: nn.Module, who: str) -> list[nn.Module]:

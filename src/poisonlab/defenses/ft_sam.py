@@ -76,9 +76,9 @@ class FTSAM(Defense):
 
     Defaults are BackdoorBench's (its config and ``dsam`` code: adaptive SAM, rho 2, label smoothing
     0.1, lr 0.01, weight decay 5e-4, batch 256) except ``epochs``: BackdoorBench fine-tunes for 100
-    epochs; 20 here keep a CPU run short. BackdoorBench augments the clean set (random crop and flip)
-    and steps its epoch-long cosine schedule per batch; here there is no augmentation (as for
-    ``finetune``) and the cosine spans all steps.
+    epochs; 20 here keep a CPU run short. Like BackdoorBench, the clean set is augmented (random crop
+    4 and flip, as for ``finetune``); BackdoorBench steps an epoch-long cosine schedule per batch,
+    here the cosine spans all steps.
 
     Args:
         epochs: passes over the clean set, [1, 10000].
@@ -118,7 +118,8 @@ class FTSAM(Defense):
         steps_per_epoch = math.ceil(len(clean) / max(1, min(self.batch_size, len(clean))))
         total = self.epochs * steps_per_epoch
         losses = []
-        for step, (x, y) in enumerate(batches(clean, self.batch_size, self.epochs, gen, device_of(model))):
+        for step, (x, y) in enumerate(batches(clean, self.batch_size, self.epochs, gen, device_of(model),
+                                                         augment=True)):
             for g in opt.param_groups:
                 g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             losses.append(sam_step(model, opt, lambda out, t: smooth_cross_entropy(out, t, self.label_smoothing),

@@ -95,7 +95,7 @@ class NAD(Defense):
         ce_sum = at_sum = 0.0
         n = 0
         student.train()
-        for x, y in batches(clean, self.batch_size, self.epochs, gen, device):
+        for x, y in batches(clean, self.batch_size, self.epochs, gen, device, augment=True):
             logits, s_maps = tap.forward(student, x)
             with torch.no_grad():
                 _, t_maps = tap.forward(teacher, x)
