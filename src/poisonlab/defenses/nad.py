@@ -48,8 +48,8 @@ class NAD(Defense):
     schedule only drops after epoch 20), betas 500 / 1000 / 1000 from the shallowest stage, p 2,
     momentum 0.9, weight decay 5e-4, batch 256. The authors' code starts at lr 0.1 for two epochs;
     BackdoorBench's PreAct-ResNet18 port taps layer3, layer4 and the pooled output (a 1x1 map, whose
-    attention term is always 0). BackdoorBench augments the clean set (crop, flip); here there is
-    no augmentation (as for ``finetune``). The distillation only helps if the fine-tuned teacher has
+    attention term is always 0). Like BackdoorBench, teacher and student see the clean set
+    augmented (random crop, flip on colour images; as every fine-tune here). The distillation only helps if the fine-tuned teacher has
     lost most of the backdoor: with a teacher that keeps it, raise ``lr``.
 
     Args:
