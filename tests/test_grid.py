@@ -1,5 +1,6 @@
 """Grids: expansion and planning, the artifact cache (train once), failures, and resume after SIGKILL."""
 
+import csv
 import itertools
 import json
 import os
@@ -375,3 +376,25 @@ def test_shipped_grid_configs_load_and_plan(path, tmp_path):
     (out / "cache").mkdir(parents=True)
     plan = build_plan(cfg, out, ArtifactCache(out / "cache"), estimate=False)
     assert len(plan.runs) >= 1 and "to run:" in plan.describe()
+
+
+def test_a_defence_row_is_written_before_the_next_defence_runs(tmp_path, monkeypatch):
+    """A victim's defences can take hours together: stopping between two keeps the first one's row."""
+    from poisonlab.experiments.stages import Workspace
+
+    real, seen = Workspace.defend, []
+
+    def stop_at_the_second(self, run, *a, **k):
+        seen.append(run.defense.label)
+        if len(seen) == 2:
+            rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+            assert [r["defense"] for r in rows if r["defense"] != "none"] == [seen[0]]
+            raise KeyboardInterrupt  # the user stops the run here
+        return real(self, run, *a, **k)
+
+    monkeypatch.setattr(Workspace, "defend", stop_at_the_second)
+    cfg = _cfg([{"name": "t_noop_a"}, {"name": "t_noop_b"}], attacks=[{"name": "random_flip", "rate": 0.2}])
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path, progress=False, log=lambda s: None)
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["defense"] for r in rows] == ["none", "none", "t_noop_a"] and not rows[2]["error"]

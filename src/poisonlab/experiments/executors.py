@@ -87,9 +87,17 @@ def run_local(plan: Plan, out: Path, cache: ArtifactCache, data_dir: str | None,
     for wave in WAVES:
         for unit in (u for u in plan.units if u.kind == wave):
             view.started(unit, unit.kind)
-            rows = ws.run_unit(unit)
+            emitted: set[int] = set()
+
+            def emit(new: list[dict[str, Any]], unit: Any = unit) -> None:  # a defence's row, written at once
+                emitted.update(id(r) for r in new)
+                on_rows(unit, new)
+
+            rows = ws.run_unit(unit, emit=emit)
             view.finished(unit, rows)
-            on_rows(unit, rows)
+            rest = [r for r in rows if id(r) not in emitted]
+            if rest or not emitted:
+                on_rows(unit, rest)
 
 
 # ---------------------------------------------------------------- Ray

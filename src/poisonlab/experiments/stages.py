@@ -303,8 +303,13 @@ class Workspace:
                            {k: v for k, v in shared.items() if k in known and isinstance(v, np.ndarray)})
 
     # ------------------------------------------------------------- units
-    def run_unit(self, unit: Unit) -> list[dict[str, Any]]:
-        """Run every unfinished run of ``unit``; a failure becomes a row with ``error``, never an exception."""
+    def run_unit(self, unit: Unit, emit: Callable[[list[dict[str, Any]]], None] | None = None
+                 ) -> list[dict[str, Any]]:
+        """Run every unfinished run of ``unit``; a failure becomes a row with ``error``, never an exception.
+
+        ``emit`` receives each defence's row as soon as it is done (a victim's defences can take hours
+        together: a run stopped between two of them keeps the finished ones' rows); every row is returned.
+        """
         pending = [r for r in unit.runs if r.name not in self.plan.done]
         cell = unit.cell
         try:
@@ -316,11 +321,12 @@ class Workspace:
                 self.status(unit.name, f"{unit.attack.label}: poisoning and training")
                 return [self.writer.attack(r, self.victim(r), self.data(cell).train, self.baseline_metrics(cell))
                         for r in pending]
-            return self._defense_rows(unit, pending)
+            return self._defense_rows(unit, pending, emit)
         except Exception as e:  # noqa: BLE001 - recorded per run, the grid goes on
             return [self.writer.failed(r, e) for r in pending]
 
-    def _defense_rows(self, unit: Unit, pending: list[Run]) -> list[dict[str, Any]]:
+    def _defense_rows(self, unit: Unit, pending: list[Run],
+                      emit: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
         cell = unit.cell
         victim = self.victim(pending[0]) if pending else None
         if victim is None:
@@ -335,10 +341,13 @@ class Workspace:
             try:
                 defended = self.defend(run, victim, trusted, shared)
                 self._share_features(victim_key, shared, known)
-                rows.append(self.writer.defense(run, victim, defended, self.baseline_metrics(cell),
-                                                self.data(cell).train.classes))
+                row = self.writer.defense(run, victim, defended, self.baseline_metrics(cell),
+                                          self.data(cell).train.classes)
             except Exception as e:  # noqa: BLE001
-                rows.append(self.writer.failed(run, e))
+                row = self.writer.failed(run, e)
+            rows.append(row)
+            if emit is not None:
+                emit([row])
         return rows
 
 
