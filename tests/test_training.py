@@ -38,6 +38,19 @@ def test_progress_off_a_terminal_is_one_line_per_epoch(digits, capsys):
     assert all(" acc " in line and line.endswith("s)") for line in err)
 
 
+def test_progress_of_steps_off_a_terminal_is_about_ten_lines(capsys):
+    """A defence's 2,000 mask steps print about ten lines in a log file, the last at the end."""
+    from poisonlab.training.progress import progress_counter
+
+    bar = progress_counter(True, "anp masks", 25, unit="step")
+    for _ in range(25):
+        bar.advance()
+    bar.stop()
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in err] == [f"anp masks: step {i}/25" for i in (*range(3, 25, 3), 25)]
+    assert progress_counter(False, "x", 5) is None
+
+
 def test_validation_plateau_and_early_stopping(digits):
     _, h = _train(digits, 0, epochs=30, val_fraction=0.2, schedule="plateau", early_stopping_patience=2,
                   early_stopping_metric="val_acc", optimizer="adam", lr=1e-3)

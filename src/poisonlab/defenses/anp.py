@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from poisonlab.validate import check_choice, check_range
 from poisonlab.defenses._bb_common import batch_norms, device_of
 from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.training.loop import predict_logits
+from poisonlab.training.progress import progress_counter
+from poisonlab.validate import check_choice, check_range
 
 SELECTIONS = ("threshold", "clean_accuracy")
 
@@ -57,7 +58,8 @@ class _Shift(_Scale):
 
 
 def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iterations: int, batch_size: int,
-                   eps: float, steps: int, alpha: float, lr: float, gen: torch.Generator) -> list[torch.Tensor]:
+                   eps: float, steps: int, alpha: float, lr: float, gen: torch.Generator,
+                   progress: bool = False) -> list[torch.Tensor]:
     """ANP's min-max optimisation of the neuron masks on clean data (Wu and Wang 2021, Alg. 1).
 
     ``model`` is modified (a copy is expected); its weights stay fixed, only masks and noise learn.
@@ -89,6 +91,7 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
         for p in perts:
             p.perturbed = on
 
+    bar = progress_counter(progress, "anp masks", iterations, unit="step")
     for _ in range(iterations):
         idx = torch.randint(0, len(y_all), (min(batch_size, len(y_all)),), generator=gen).to(device)
         x, y = x_all[idx].float().div_(255), y_all[idx]
@@ -116,6 +119,10 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
         with torch.no_grad():
             for m in masks:
                 m.clamp_(0, 1)
+        if bar is not None:
+            bar.advance()
+    if bar is not None:
+        bar.stop()
     return [m.detach().cpu().clone() for m in masks]
 
 
@@ -191,7 +198,7 @@ class ANP(Defense):
         work = copy.deepcopy(ctx.model)
         masks = optimise_masks(work, batch_norms(work, who), clean, iterations=self.iterations,
                                batch_size=self.batch_size, eps=self.eps, steps=self.steps, alpha=self.alpha,
-                               lr=self.lr, gen=torch.Generator().manual_seed(ctx.seed))
+                               lr=self.lr, gen=torch.Generator().manual_seed(ctx.seed), progress=ctx.progress)
         allm = torch.cat(masks).numpy()
         order = np.argsort(allm, kind="stable")
         sizes = [len(m) for m in masks]

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poisonlab.validate import check_range
 from poisonlab.defenses._bb_common import device_of
 from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
+from poisonlab.training.progress import progress_counter
+from poisonlab.validate import check_range
 
 
 def logits_normalised(model: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -119,6 +120,7 @@ class IBAU(Defense):
             return d - self.inner_lr * g
 
         deltas = []
+        bar = progress_counter(ctx.progress, "i-bau", self.rounds, unit="round")
         for _ in range(self.rounds):
             delta = torch.zeros_like(z0[:1], requires_grad=True)
             d_opt = torch.optim.SGD([delta], lr=self.delta_lr)
@@ -143,6 +145,10 @@ class IBAU(Defense):
                 for p, g in zip(params, grads):
                     p.grad = g.detach()
                 opt.step()
+            if bar is not None:
+                bar.advance()
+        if bar is not None:
+            bar.stop()
         model.eval()
         return DefenseResult(model=model, metrics={"n_finetune": len(clean), "rounds": self.rounds,
                                                    "outer_steps": self.rounds * len(batches),

@@ -15,6 +15,7 @@ from poisonlab.data.imageset import to_uint8_nhwc
 from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, pick, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.metrics import robust_z
+from poisonlab.training.progress import progress_counter
 from poisonlab.validate import check_range, check_tuning
 
 
@@ -37,8 +38,8 @@ class ReversedTriggers:
 
 def reverse_engineer_triggers(model: nn.Module, images: torch.Tensor, num_classes: int, *, steps: int = 300,
                               batch_size: int = 32, lr: float = 0.1, init_cost: float = 1e-2,
-                              success_threshold: float = 0.99, check_every: int = 5, seed: int = 0
-                              ) -> ReversedTriggers:
+                              success_threshold: float = 0.99, check_every: int = 5, seed: int = 0,
+                              progress: bool = False) -> ReversedTriggers:
     """Optimise a mask and pattern per class, all classes in one batch (Wang et al. 2019, Eq. 3).
 
     Each step stamps the same ``batch_size`` clean images with all ``K``
@@ -70,6 +71,7 @@ def reverse_engineer_triggers(model: nn.Module, images: torch.Tensor, num_classe
     best_pat = torch.zeros(num_classes, c, h, w, device=device)
     best_succ = torch.zeros(num_classes, device=device)
     succ_sum = torch.zeros(num_classes, device=device)
+    bar = progress_counter(progress, "neural cleanse triggers", steps, unit="step")
     for step in range(steps):
         idx = torch.randint(0, n, (batch_size,), generator=g).to(device)
         x = images[idx]
@@ -93,6 +95,10 @@ def reverse_engineer_triggers(model: nn.Module, images: torch.Tensor, num_classe
                 ok = succ_sum / check_every >= success_threshold
                 cost = torch.where(ok, cost * 1.5, cost / 1.5 ** 1.5)
                 succ_sum.zero_()
+        if bar is not None:
+            bar.advance()
+    if bar is not None:
+        bar.stop()
     with torch.no_grad():
         none = torch.isinf(best_l1)  # never reached the threshold: keep the final mask
         mask = (torch.tanh(mask_p) + 1) / 2
@@ -162,7 +168,7 @@ class NeuralCleanse(Defense):
         t0 = time.perf_counter()
         rev = reverse_engineer_triggers(ctx.model, clean.float_tensor(device), clean.num_classes, steps=self.steps,
                                         batch_size=self.batch_size, lr=self.lr, init_cost=self.init_cost,
-                                        check_every=self.check_every, seed=ctx.seed)
+                                        check_every=self.check_every, seed=ctx.seed, progress=ctx.progress)
         secs = time.perf_counter() - t0
         index = mad_anomaly_index(rev.l1)
         flagged = np.nonzero((index > self.threshold) & (rev.l1 < np.median(rev.l1)))[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -25,6 +24,7 @@ from torch import nn
 
 from poisonlab.data.imageset import ImageSet
 from poisonlab.training.augment import augment_batch
+from poisonlab.training.progress import progress_counter
 from poisonlab.training.device import resolve_device, use_bf16
 from poisonlab.training.muon import Muon
 
@@ -442,7 +442,7 @@ def fit(
         weights = weights[rest_idx] if weights is not None else None
     s = prepare(model, train, cfg, sample_weight=weights, seed=seed, device=device, freeze_body=freeze_body,
                 batch_weight_fn=batch_weight_fn, batch_transform=batch_transform)
-    bar = _progress(progress, description, cfg.epochs)
+    bar = progress_counter(progress, description, cfg.epochs)
     bn_momenta = _scale_bn_momentum(s.model, cfg)
     try:
         for epoch in range(cfg.epochs):
@@ -477,45 +477,6 @@ def _fmt(rec: dict) -> str:
     if "val_acc" in rec:
         s += f" val_acc {rec['val_acc']:.3f}"
     return s
-
-
-def _progress(enabled: bool, description: str, total: int) -> _Bar | _EpochLines | None:
-    """An epoch counter: a live bar on a terminal, one line per epoch on stderr elsewhere (a log file of a
-    run left in the background; rich draws nothing there, so hours of training would pass in silence)."""
-    if not enabled:
-        return None
-    from rich.console import Console
-
-    console = Console()
-    return _Bar(console, description, total) if console.is_terminal else _EpochLines(description, total)
-
-
-class _Bar:
-    def __init__(self, console: Any, description: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True)
-        self.task = self.bar.add_task(description, total=total, info="")
-        self.bar.start()
-
-    def advance(self, info: str) -> None:
-        self.bar.update(self.task, advance=1, info=info)
-
-    def stop(self) -> None:
-        self.bar.stop()
-
-
-class _EpochLines:
-    def __init__(self, description: str, total: int):
-        self.description, self.total, self.done = description or "training", total, 0
-
-    def advance(self, info: str) -> None:
-        self.done += 1
-        print(f"{self.description}: epoch {self.done}/{self.total} {info}", file=sys.stderr, flush=True)
-
-    def stop(self) -> None:
-        pass
 
 
 @torch.no_grad()
