@@ -15,13 +15,13 @@ MIN_CLEAN_PER_CLASS = 5
 """A trusted clean set needs at least this many images per class of the task (on average)."""
 
 
-
 def finetune_augment(data: ImageSet) -> dict:
     """The augmentation of every fine-tune on the trusted set (FT, FP, NC, NAD, FT-SAM), as
     :class:`~poisonlab.training.TrainConfig` fields: BackdoorBench's training transform, a random crop
     with 4 pixels of padding on 28-32 pixel images (an eighth of the side; none below 16 pixels, where
-    BackdoorBench has no dataset and one pixel is already an eighth of the 8x8 digits), plus a horizontal flip for colour images (BackdoorBench flips CIFAR-10, not MNIST: a mirrored digit
-    is another glyph). Without it, 100 epochs on 2,500 CIFAR-10 images memorise the set and leave
+    BackdoorBench has no dataset and one pixel is already an eighth of the 8x8 digits), plus a
+    horizontal flip for colour images (BackdoorBench flips CIFAR-10, not MNIST: a mirrored digit is
+    another glyph). Without it, 100 epochs on 2,500 CIFAR-10 images memorise the set and leave
     BadNets in place (docs/BACKDOORBENCH.md)."""
     side = data.images.shape[1]
     return dict(crop_padding=round(side / 8) if side >= 16 else 0, flip=data.images.shape[-1] == 3)
