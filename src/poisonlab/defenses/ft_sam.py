@@ -118,8 +118,8 @@ class FTSAM(Defense):
         steps_per_epoch = math.ceil(len(clean) / max(1, min(self.batch_size, len(clean))))
         total = self.epochs * steps_per_epoch
         losses = []
-        for step, (x, y) in enumerate(batches(clean, self.batch_size, self.epochs, gen, device_of(model),
-                                                         augment=True)):
+        stream = batches(clean, self.batch_size, self.epochs, gen, device_of(model), augment=True)
+        for step, (x, y) in enumerate(stream):
             for g in opt.param_groups:
                 g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             losses.append(sam_step(model, opt, lambda out, t: smooth_cross_entropy(out, t, self.label_smoothing),

@@ -49,8 +49,9 @@ class NAD(Defense):
     momentum 0.9, weight decay 5e-4, batch 256. The authors' code starts at lr 0.1 for two epochs;
     BackdoorBench's PreAct-ResNet18 port taps layer3, layer4 and the pooled output (a 1x1 map, whose
     attention term is always 0). Like BackdoorBench, teacher and student see the clean set
-    augmented (random crop, flip on colour images; as every fine-tune here). The distillation only helps if the fine-tuned teacher has
-    lost most of the backdoor: with a teacher that keeps it, raise ``lr``.
+    augmented (random crop, flip on colour images; as every fine-tune here). The distillation only
+    helps if the fine-tuned teacher has lost most of the backdoor: with a teacher that keeps it,
+    raise ``lr``.
 
     Args:
         teacher_epochs: fine-tuning epochs of the teacher, [1, 10000].

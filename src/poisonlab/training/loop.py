@@ -24,9 +24,9 @@ from torch import nn
 
 from poisonlab.data.imageset import ImageSet
 from poisonlab.training.augment import augment_batch
-from poisonlab.training.progress import progress_counter
 from poisonlab.training.device import resolve_device, use_bf16
 from poisonlab.training.muon import Muon
+from poisonlab.training.progress import progress_counter
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Keller Jordan's airbench94_muon (2024): 94.01% mean on CIFAR-10 with the `airnet` network.
