@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
@@ -47,6 +48,11 @@ class DefenseContext:
         seed: the run's seed.
         cache: per-poisoned-set shared values (features, cross-validated
             probabilities), so that filters compute them once.
+        progress: show progress bars.
+        progress_dir: a folder where a long defence keeps its progress files
+            (:mod:`poisonlab.training.checkpoint`), so that a stopped run continues where it
+            was; None: no resuming. A grid gives each defence run a folder of its own in the
+            cache and removes it once the run's result is stored.
     """
 
     train: ImageSet
@@ -58,6 +64,7 @@ class DefenseContext:
     seed: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
+    progress_dir: Path | None = None
 
     def features(self) -> np.ndarray:
         """Penultimate features of ``model`` on ``train``, computed once.
@@ -104,6 +111,8 @@ class DefenseResult:
             STRIP's entropies). Names are namespaced by the defence (``nc_mask``, ``strip_ent_clean``) and
             must not be ``kept``, ``scores`` or start with ``after_`` (the runner's own); keep them small
             (uint8 or float16 images, one float per test image).
+        seconds: the defence's own count of its time when it spans several processes (a run resumed
+            from ``ctx.progress_dir``: the runner's clock saw only the last one); None: the runner's clock.
     """
 
     model: nn.Module
@@ -111,6 +120,7 @@ class DefenseResult:
     kept: np.ndarray | None = None
     scores: np.ndarray | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float | None = None
 
 
 class Defense(ABC):

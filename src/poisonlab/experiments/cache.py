@@ -6,7 +6,9 @@ read with ``allow_pickle=False``), ``model.pt`` (a state dict, read with
 atomically, so an entry exists exactly when it is complete: a process killed
 half-way (SIGKILL included) leaves at most stray temporary files, never an
 entry that looks finished. Two workers producing the same entry write the
-same content; the later ``os.replace`` wins.
+same content; the later ``os.replace`` wins. ``CACHE/progress/<key>/`` holds the
+progress files of a long defence run that has not finished
+(:mod:`poisonlab.training.checkpoint`); it goes once the run's entry is stored.
 
 A damaged entry (a ``meta.json`` that is not a JSON object, an ``arrays.npz`` or ``model.pt`` that is not a
 whole zip or fails a member's CRC: a full disk, a truncated copy, bit rot) is found by :meth:`ArtifactCache.has`,
@@ -26,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -201,6 +204,24 @@ class ArtifactCache:
         sig = _signature(d)
         if sig is not None:  # just written whole: no need to read it back to check it
             self._intact[d] = sig
+
+    def progress_dir(self, key: str) -> Path | None:
+        """The folder where the unfinished defence run ``key`` keeps its progress files
+        (:attr:`poisonlab.defenses.DefenseContext.progress_dir`); None, with a warning, when something
+        other than a plain folder is there (a symbolic link is never followed out of the cache)."""
+        d = self.path("progress", key)
+        for f in (d.parent, d):
+            if f.is_symlink() or (f.exists() and not f.is_dir()):
+                warnings.warn(f"{f}: not a plain folder; this run keeps no progress file and will not resume",
+                              stacklevel=2)
+                return None
+        return d
+
+    def drop_progress(self, key: str) -> None:
+        """Remove run ``key``'s progress folder once its entry is stored (never through a symbolic link)."""
+        d = self.path("progress", key)
+        if d.is_dir() and not d.is_symlink() and not d.parent.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
 
     # timings feed the planner's time estimate
     def record_seconds(self, cost_key: str, seconds: float) -> None:

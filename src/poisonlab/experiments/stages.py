@@ -269,10 +269,11 @@ class Workspace:
         cell, data, record = run.cell, self.data(run.cell), victim.poisoned.record
         ctx = DefenseContext(train=victim.poisoned.train, model=victim.model, test=data.test,
                              train_model=self.trainer(cell, frozen=victim.frozen), clean_set=trusted,
-                             poisoning=record, seed=cell.seed, cache=shared, progress=self.progress)
+                             poisoning=record, seed=cell.seed, cache=shared, progress=self.progress,
+                             progress_dir=self.cache.progress_dir(run.key))
         t0 = time.perf_counter()
         result = run.defense.build().run(ctx)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 if result.seconds is None else float(result.seconds)
         metrics = evaluate(result.model, data.test, record, tta=cell.training.tta)
         arrays: dict[str, np.ndarray] = {}
         for name, a in result.arrays.items():
@@ -293,6 +294,7 @@ class Workspace:
                                        prefix="after"))
         self.cache.put("defense", run.key, {"metrics": metrics, "defense_metrics": jsonable(result.metrics),
                                             "seconds": seconds}, arrays)
+        self.cache.drop_progress(run.key)
 
     def _share_features(self, victim_key: str, shared: dict[str, Any], known: set[str]) -> None:
         """Store arrays a defence left in the shared context cache, for the next defence in any process."""

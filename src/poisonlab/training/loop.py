@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -24,6 +25,16 @@ from torch import nn
 
 from poisonlab.data.imageset import ImageSet
 from poisonlab.training.augment import augment_batch
+from poisonlab.training.checkpoint import (
+    Checkpoint,
+    StaleProgress,
+    check_int,
+    check_model_state,
+    fingerprint,
+    layer_shapes,
+    restore_training_state,
+    training_state,
+)
 from poisonlab.training.device import resolve_device, use_bf16
 from poisonlab.training.muon import Muon
 from poisonlab.training.progress import progress_counter
@@ -406,6 +417,7 @@ def fit(
     epoch_callback: Callable[[dict, nn.Module], None] | None = None,
     batch_weight_fn: BatchWeightFn | None = None,
     batch_transform: BatchTransform | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``train``.
 
@@ -428,6 +440,10 @@ def fit(
             forward pass (adversarial training: PGD examples); the model must be in train mode again on return.
         epoch_callback: called as ``epoch_callback(record, model)`` after each epoch
             (benchmarks use it to evaluate on the way).
+        checkpoint: a file where the run's progress is saved after every epoch; when it already
+            holds an earlier, stopped run of the same settings, data and seed, training continues
+            from there and the result is the one an uninterrupted run gives
+            (:mod:`poisonlab.training.checkpoint`). The caller removes the file when it is done with it.
 
     Returns:
         Per-epoch history: dicts with ``epoch, loss, acc, lr, seconds`` and,
@@ -442,21 +458,25 @@ def fit(
         weights = weights[rest_idx] if weights is not None else None
     s = prepare(model, train, cfg, sample_weight=weights, seed=seed, device=device, freeze_body=freeze_body,
                 batch_weight_fn=batch_weight_fn, batch_transform=batch_transform)
-    bar = progress_counter(progress, description, cfg.epochs)
+    progress_file = Checkpoint(checkpoint, _fingerprint(s, seed)) if checkpoint is not None else Checkpoint(None)
+    start = _resume(s, progress_file)
+    bar = progress_counter(progress, description, cfg.epochs - start)
     bn_momenta = _scale_bn_momentum(s.model, cfg)
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             rec = train_epoch(s, epoch)
             stop = after_epoch(s, rec, val)
             rec["seconds"] = time.perf_counter() - t0
             s.history.append(rec)
+            if stop:
+                rec["stopped_early"] = True
+            progress_file.save(_snapshot(s))  # before the callback: a callback that stops the run loses nothing
             if epoch_callback is not None:
                 epoch_callback(rec, s.model)
             if bar is not None:
                 bar.advance(_fmt(rec) + f" ({rec['seconds']:.0f}s)")
             if stop:
-                rec["stopped_early"] = True
                 break
     finally:
         if bar is not None:
@@ -470,6 +490,50 @@ def fit(
         s.model.load_state_dict(s.best_state)
     s.model.eval()
     return s.history
+
+
+def _fingerprint(s: TrainState, seed: int) -> str:
+    """What a progress file must have been written by: the recipe, the model's layers, the data and the seed."""
+    return fingerprint(s.cfg.model_dump_json(), type(s.model).__qualname__, layer_shapes(s.model), seed,
+                       s.freeze_body, s.x, s.y, s.w)
+
+
+def _snapshot(s: TrainState) -> dict:
+    """Everything :func:`_resume` needs to continue ``s`` after its last finished epoch."""
+    return {**training_state(s.model, s.opt.all, s.gen), "epoch": len(s.history), "step": s.step,
+            "history": s.history, "best_score": s.best_score, "bad_epochs": s.bad_epochs,
+            "best_state": s.best_state, "plateau": s.plateau.state_dict() if s.plateau is not None else None}
+
+
+def _resume(s: TrainState, progress_file: Checkpoint) -> int:
+    """Load a stopped run's progress into ``s``; returns the epoch to start from (``cfg.epochs``: finished).
+
+    A file that does not fit this run (a :class:`StaleProgress`) is reported and ignored: training starts over.
+    """
+    state = progress_file.load()
+    if state is None:
+        return 0
+    try:
+        epochs = s.cfg.epochs
+        epoch = check_int(state.get("epoch"), "epoch", 1, epochs)
+        history = state.get("history")
+        if not isinstance(history, list) or len(history) != epoch or not all(isinstance(r, dict) for r in history):
+            raise StaleProgress("history must hold one record per finished epoch")
+        step = check_int(state.get("step"), "step", 0, s.total_steps)
+        if state.get("best_state") is not None:
+            check_model_state(state["best_state"], s.model, "best_state")
+        if not isinstance(state.get("best_score"), float) or not isinstance(state.get("bad_epochs"), int):
+            raise StaleProgress("best_score and bad_epochs must be numbers")
+        restore_training_state(state, s.model, s.opt.all, s.gen)
+    except StaleProgress as e:
+        progress_file.discard(f"does not fit this run ({e})")
+        return 0
+    if s.plateau is not None and isinstance(state.get("plateau"), dict):
+        s.plateau.load_state_dict(state["plateau"])
+    s.step, s.history, s.best_state = step, history, state["best_state"]
+    s.best_score, s.bad_epochs = state["best_score"], state["bad_epochs"]
+    _set_learning_rates(s)  # also re-freezes a whitened stem whose schedule had ended
+    return epochs if history[-1].get("stopped_early") else epoch
 
 
 def _fmt(rec: dict) -> str:
