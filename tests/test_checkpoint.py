@@ -234,3 +234,38 @@ def test_a_cache_whose_progress_folder_is_a_link_keeps_no_progress(tmp_path):
         assert cache.progress_dir("k") is None
     cache.drop_progress("k")
     assert (elsewhere / "k" / "keep.txt").read_text() == "mine"  # nothing outside the cache is touched
+
+
+def test_a_stopped_anp_continues_to_the_same_masks(digits, tmp_path, monkeypatch):
+    """ANP's 2,000 mask steps of 256 images take about 2 hours on the table's CIFAR-10 victim."""
+    from poisonlab.defenses import DefenseContext, get_defense
+    from poisonlab.training.checkpoint import Checkpoint
+
+    victim = _fit(digits[0].subset(np.arange(512)), epochs=1)[0]
+    anp = get_defense("anp", iterations=120, batch_size=32, selection="clean_accuracy")
+
+    def run(folder):
+        ctx = DefenseContext(train=digits[0], model=victim, test=digits[1], train_model=None, seed=2,
+                             clean_set=digits[0].subset(np.arange(300)), progress_dir=folder)
+        return anp.run(ctx)
+
+    straight = run(None)
+    real_save, saves = Checkpoint.save, []
+
+    def stop_after_second_save(self, state):
+        real_save(self, state)
+        saves.append(state["iteration"])
+        if len(saves) == 2:
+            raise Stop
+
+    monkeypatch.setattr(Checkpoint, "save", stop_after_second_save)
+    with pytest.raises(Stop):
+        run(tmp_path)
+    assert saves == [50, 100]
+    resumed = run(tmp_path)
+    assert saves == [50, 100, 120]  # iterations 101-120 only
+    _same(resumed.model, straight.model)
+    for k in ("pruned_neurons", "mask_mean", "max_pruned_mask"):
+        assert resumed.metrics[k] == straight.metrics[k], k
+    assert resumed.metrics["resumed"] and not straight.metrics["resumed"] and straight.seconds is None
+    assert resumed.seconds >= resumed.metrics["mask_seconds"] > 0

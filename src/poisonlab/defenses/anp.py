@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import copy
+import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,6 +16,14 @@ from torch.nn.utils import parametrize
 from poisonlab.defenses._bb_common import batch_norms, device_of
 from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
+from poisonlab.training.checkpoint import (
+    Checkpoint,
+    StaleProgress,
+    check_generator_state,
+    check_int,
+    check_optimizer_state,
+    fingerprint,
+)
 from poisonlab.training.loop import predict_logits
 from poisonlab.training.progress import progress_counter
 from poisonlab.validate import check_choice, check_range
@@ -57,9 +67,18 @@ class _Shift(_Scale):
         return self.p[0].shift(b)
 
 
+class MaskRun(NamedTuple):
+    """What :func:`optimise_masks` returns."""
+
+    masks: list[torch.Tensor]  # per batch-norm layer, in [0, 1], on the CPU
+    seconds: float  # of every iteration, those of a stopped earlier run included
+    resumed: bool  # whether it continued a stopped run's progress file
+
+
 def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iterations: int, batch_size: int,
                    eps: float, steps: int, alpha: float, lr: float, gen: torch.Generator,
-                   progress: bool = False) -> list[torch.Tensor]:
+                   progress: bool = False, progress_file: Checkpoint | None = None,
+                   save_every: int = 50) -> MaskRun:
     """ANP's min-max optimisation of the neuron masks on clean data (Wu and Wang 2021, Alg. 1).
 
     ``model`` is modified (a copy is expected); its weights stay fixed, only masks and noise learn.
@@ -68,8 +87,13 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
     take one SGD step (momentum 0.9) on ``alpha * loss(clean) + (1 - alpha) * loss(perturbed)`` and are
     clipped to [0, 1]. The model is in training mode (batch statistics), as in the authors' code.
 
+    With ``progress_file``, the masks, their optimiser and ``gen`` are saved every ``save_every``
+    iterations and a stopped run continues from there to the same masks (the noise restarts every
+    iteration and batch statistics do not depend on the running ones, so nothing else carries over).
+
     Returns:
-        The learnt mask of each layer (1-D tensors on the CPU).
+        The learnt mask of each layer (1-D tensors on the CPU) and the seconds spent, earlier sittings
+        included.
     """
     device = device_of(model)
     for q in model.parameters():
@@ -91,8 +115,11 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
         for p in perts:
             p.perturbed = on
 
-    bar = progress_counter(progress, "anp masks", iterations, unit="step")
-    for _ in range(iterations):
+    progress_file = progress_file or Checkpoint(None)
+    done, seconds = _resume_masks(progress_file, masks, mask_opt, gen, iterations)
+    t0 = time.perf_counter()
+    bar = progress_counter(progress, "anp masks", iterations - done, unit="step")
+    for it in range(done, iterations):
         idx = torch.randint(0, len(y_all), (min(batch_size, len(y_all)),), generator=gen).to(device)
         x, y = x_all[idx].float().div_(255), y_all[idx]
         if eps > 0:
@@ -119,11 +146,43 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
         with torch.no_grad():
             for m in masks:
                 m.clamp_(0, 1)
+        if (it + 1) % save_every == 0 or it + 1 == iterations:
+            progress_file.save({"masks": [m.detach().cpu() for m in masks], "optimizer": mask_opt.state_dict(),
+                                "generator": gen.get_state(), "iteration": it + 1,
+                                "seconds": seconds + time.perf_counter() - t0})
         if bar is not None:
             bar.advance()
     if bar is not None:
         bar.stop()
-    return [m.detach().cpu().clone() for m in masks]
+    return MaskRun([m.detach().cpu().clone() for m in masks], seconds + time.perf_counter() - t0, done > 0)
+
+
+def _resume_masks(progress_file: Checkpoint, masks: list[torch.Tensor], opt: torch.optim.Optimizer,
+                  gen: torch.Generator, iterations: int) -> tuple[int, float]:
+    """``(iterations done, seconds)`` of a stopped mask optimisation, restored into ``masks``, ``opt`` and
+    ``gen``; ``(0, 0.0)`` when there is no progress file or it does not fit."""
+    state = progress_file.load()
+    if state is None:
+        return 0, 0.0
+    try:
+        done = check_int(state.get("iteration"), "iteration", 1, iterations)
+        saved, seconds = state.get("masks"), state.get("seconds")
+        if (not isinstance(saved, list) or len(saved) != len(masks)
+                or not all(isinstance(s, torch.Tensor) and s.shape == m.shape for s, m in zip(saved, masks))):
+            raise StaleProgress("masks must be one tensor per batch-norm layer, shaped as its channels")
+        if not isinstance(seconds, float) or seconds < 0:
+            raise StaleProgress("seconds must be a number")
+        check_optimizer_state(state.get("optimizer"), opt)
+        g = check_generator_state(state.get("generator"), gen)
+    except StaleProgress as e:
+        progress_file.discard(f"does not fit this run ({e})")
+        return 0, 0.0
+    with torch.no_grad():
+        for m, s in zip(masks, saved):
+            m.copy_(s.clamp(0, 1))
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(g)
+    return done, seconds
 
 
 def prune_neurons(model: nn.Module, layers: list[nn.Module], order: np.ndarray, sizes: list[int], k: int) -> None:
@@ -196,9 +255,16 @@ class ANP(Defense):
         clean = require_clean_set(ctx, who)
         batch_norms(ctx.model, who)  # a clear error before any work
         work = copy.deepcopy(ctx.model)
-        masks = optimise_masks(work, batch_norms(work, who), clean, iterations=self.iterations,
-                               batch_size=self.batch_size, eps=self.eps, steps=self.steps, alpha=self.alpha,
-                               lr=self.lr, gen=torch.Generator().manual_seed(ctx.seed), progress=ctx.progress)
+        folder = ctx.progress_dir
+        progress_file = Checkpoint(folder / "anp_masks.pt" if folder else None,
+                                   fingerprint(self.params(), ctx.seed, list(ctx.model.state_dict().values()),
+                                               clean.images, clean.labels))
+        run = optimise_masks(work, batch_norms(work, who), clean, iterations=self.iterations,
+                             batch_size=self.batch_size, eps=self.eps, steps=self.steps, alpha=self.alpha,
+                             lr=self.lr, gen=torch.Generator().manual_seed(ctx.seed), progress=ctx.progress,
+                             progress_file=progress_file)
+        t1 = time.perf_counter()
+        masks = run.masks
         allm = torch.cat(masks).numpy()
         order = np.argsort(allm, kind="stable")
         sizes = [len(m) for m in masks]
@@ -213,10 +279,12 @@ class ANP(Defense):
         chosen = np.zeros(allm.size, dtype=bool)
         chosen[order[:k]] = True
         per_layer = [int(c.sum()) for c in np.split(chosen, np.cumsum(sizes)[:-1])]
+        seconds = run.seconds + time.perf_counter() - t1  # a resumed run: the masks' every sitting + the pruning
         return DefenseResult(model=pruned, metrics={
             "pruned_neurons": int(k), "neurons": int(allm.size), "prune_fraction": k / allm.size,
             "pruned_per_layer": per_layer, "max_pruned_mask": float(allm[order[k - 1]]) if k else None,
-            "mask_mean": float(allm.mean()), "mask_below_half": float((allm < 0.5).mean()), **info})
+            "mask_mean": float(allm.mean()), "mask_below_half": float((allm < 0.5).mean()),
+            "mask_seconds": run.seconds, "resumed": run.resumed, **info}, seconds=seconds if run.resumed else None)
 
     def _most_within_margin(self, model: nn.Module, clean, order: np.ndarray, sizes: list[int],
                             who: str) -> tuple[int, dict]:
