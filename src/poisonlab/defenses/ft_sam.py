@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,14 @@ from poisonlab.defenses._bb_common import BATCH_NORMS, batches, device_of
 from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
+from poisonlab.training.checkpoint import (
+    Checkpoint,
+    StaleProgress,
+    check_int,
+    fingerprint,
+    restore_training_state,
+    training_state,
+)
 
 
 def smooth_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -78,7 +88,9 @@ class FTSAM(Defense):
     0.1, lr 0.01, weight decay 5e-4, batch 256) except ``epochs``: BackdoorBench fine-tunes for 100
     epochs; 20 here keep a CPU run short. Like BackdoorBench, the clean set is augmented (random crop
     4 and flip, as for ``finetune``); BackdoorBench steps an epoch-long cosine schedule per batch,
-    here the cosine spans all steps.
+    here the cosine spans all steps. With ``ctx.progress_dir`` the run saves its progress after every
+    epoch and a stopped run continues from there to the same model (BackdoorBench's 100 epochs take
+    tens of minutes on a CPU).
 
     Args:
         epochs: passes over the clean set, [1, 10000].
@@ -117,14 +129,45 @@ class FTSAM(Defense):
         gen = torch.Generator().manual_seed(ctx.seed)
         steps_per_epoch = math.ceil(len(clean) / max(1, min(self.batch_size, len(clean))))
         total = self.epochs * steps_per_epoch
-        losses = []
-        stream = batches(clean, self.batch_size, self.epochs, gen, device_of(model), augment=True)
-        for step, (x, y) in enumerate(stream):
-            for g in opt.param_groups:
-                g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            losses.append(sam_step(model, opt, lambda out, t: smooth_cross_entropy(out, t, self.label_smoothing),
-                                   x, y, self.rho, self.adaptive))
+        folder = ctx.progress_dir
+        progress = Checkpoint(folder / "ft_sam.pt" if folder else None,
+                              fingerprint(self.params(), ctx.seed, list(ctx.model.state_dict().values()),
+                                          clean.images, clean.labels))
+        done, seconds, losses = _resume(progress, model, opt, gen, self.epochs)
+        loss_fn = partial(smooth_cross_entropy, smoothing=self.label_smoothing)
+        for epoch in range(done, self.epochs):
+            t0 = time.perf_counter()
+            losses = []
+            for i, (x, y) in enumerate(batches(clean, self.batch_size, 1, gen, device_of(model), augment=True)):
+                step = epoch * steps_per_epoch + i
+                for g in opt.param_groups:
+                    g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                losses.append(sam_step(model, opt, loss_fn, x, y, self.rho, self.adaptive))
+            seconds += time.perf_counter() - t0
+            progress.save({**training_state(model, [opt], gen), "epoch": epoch + 1, "seconds": seconds,
+                           "losses": losses})
         model.eval()
-        tail = losses[-steps_per_epoch:]
-        return DefenseResult(model=model, metrics={"n_finetune": len(clean), "sam_steps": len(losses),
-                                                   "finetune_loss": sum(tail) / len(tail)})
+        return DefenseResult(model=model, metrics={"n_finetune": len(clean), "sam_steps": total,
+                                                   "finetune_loss": sum(losses) / len(losses),
+                                                   "resumed": done > 0}, seconds=seconds if done else None)
+
+
+def _resume(progress: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+            epochs: int) -> tuple[int, float, list[float]]:
+    """``(epochs done, seconds, last epoch's losses)`` of a stopped FT-SAM run, restored into ``model``,
+    ``opt`` and ``gen``; ``(0, 0.0, [])`` when there is no progress file or it does not fit."""
+    state = progress.load()
+    if state is None:
+        return 0, 0.0, []
+    try:
+        done = check_int(state.get("epoch"), "epoch", 1, epochs)
+        seconds, losses = state.get("seconds"), state.get("losses")
+        if not isinstance(seconds, float) or seconds < 0:
+            raise StaleProgress("seconds must be a number")
+        if not isinstance(losses, list) or not losses or not all(isinstance(v, float) for v in losses):
+            raise StaleProgress("losses must be the last epoch's batch losses")
+        restore_training_state(state, model, [opt], gen)
+    except StaleProgress as e:
+        progress.discard(f"does not fit this run ({e})")
+        return 0, 0.0, []
+    return done, seconds, losses
