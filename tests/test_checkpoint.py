@@ -211,7 +211,9 @@ def test_a_grid_stopped_in_a_defence_resumes_it_and_then_drops_its_progress(tmp_
     progress = tmp_path / "cache" / "progress"
     (run_dir,) = progress.iterdir()
     assert sorted(f.name for f in run_dir.iterdir()) == ["abl_finetune.pt", "abl_isolation.pt"]
-    run_experiment(cfg, tmp_path, progress=False, log=lambda s: None)
+    said: list[str] = []
+    run_experiment(cfg, tmp_path, progress=False, log=said.append)
+    assert any("continuing: 1 unfinished defence run(s) from their progress files" in s for s in said)
     assert epochs == [1, 2]  # the second run trained the fine-tuning's second epoch only
     assert not run_dir.exists()  # stored: the progress files are gone
     (row,) = [r for r in json.loads((tmp_path / "results.json").read_text()) if r["defense"] != "none"]

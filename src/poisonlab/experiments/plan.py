@@ -186,6 +186,9 @@ class Plan:
             f"(clean models cached: {self.cached.get('clean', 0)}, poisoned sets: {self.cached.get('poison', 0)}, "
             f"poisoned models: {self.cached.get('victim', 0)}, defence outputs: {self.cached.get('defense', 0)})",
         ]
+        if self.cached.get("progress"):
+            lines.append(f"  continuing: {self.cached['progress']} unfinished defence run(s) from their progress files "
+                         "(CACHE/progress)")
         if self.seconds_estimate is not None:
             lines.append(f"  estimate: ~{fmt_seconds(self.seconds_estimate)} of training on one worker "
                          f"({self.estimate_source})")
@@ -483,19 +486,20 @@ def unit_cache_status(plan: Plan, unit: Unit, cache: ArtifactCache, pending_clea
         if run.name in plan.done:
             return 0, 0, found
         return int(not has_victim), int(has_victim), found
-    todo = reused = found = 0
+    todo = reused = found = resumable = 0
     for r in unit.runs:
         has = cache.has("defense", r.key)
         found += has
+        resumable += not has and r.name not in plan.done and cache.path("progress", r.key).is_dir()
         if r.defense is not None and r.defense.retrains and r.name not in plan.done:
             reused, todo = reused + has, todo + (not has)
-    return todo, reused, {"defense": found}
+    return todo, reused, {"defense": found, "progress": resumable}
 
 
 def with_cache_status(plan: Plan, cache: ArtifactCache, estimate: bool) -> Plan:
     """``plan`` with each unit's trainings, the cache counts and the time estimate filled in."""
     pending_clean = {u.cell.index for u in plan.units if u.kind == "clean" and has_work(plan, u)}
-    counts = {"clean": 0, "poison": 0, "victim": 0, "defense": 0}
+    counts = {"clean": 0, "poison": 0, "victim": 0, "defense": 0, "progress": 0}
     units, needed, reused = [], 0, 0
     per_cost: dict[str, int] = {}
     for u in plan.units:
