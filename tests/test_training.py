@@ -48,7 +48,15 @@ def test_progress_of_steps_off_a_terminal_is_about_ten_lines(capsys):
     bar.stop()
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" (")[0] for line in err] == [f"anp masks: step {i}/25" for i in (*range(3, 25, 3), 25)]
-    assert progress_counter(False, "x", 5) is None
+    quiet = progress_counter(False, "x", 5)
+    quiet.advance()
+    quiet.stop()
+    assert capsys.readouterr().err == ""
+    resumed = progress_counter(True, "anp masks", 20, unit="step", done=14)  # a run continued from step 14
+    for _ in range(6):
+        resumed.advance()
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "anp masks: step 16/20", "anp masks: step 18/20", "anp masks: step 20/20"]
 
 
 def test_validation_plateau_and_early_stopping(digits):

@@ -214,7 +214,7 @@ class ABL(Defense):
         opt = _sgd(model, self.lr, self.weight_decay)
         done, last, seconds, losses = _resume_isolation(progress, model, opt, gen, self.isolation_epochs, len(train))
         resumed = done > 0
-        bar = progress_counter(show, "abl isolation", self.isolation_epochs - done)
+        bar = progress_counter(show, "abl isolation", self.isolation_epochs, done=done)
         while done < self.isolation_epochs:
             t0 = time.perf_counter()
             model.train()
@@ -227,10 +227,8 @@ class ABL(Defense):
             seconds += time.perf_counter() - t0
             done += 1
             progress.save({**training_state(model, [opt], gen), "epoch": done, "last": last, "seconds": seconds})
-            if bar is not None:
-                bar.advance(f"loss {last:.3f}")
-        if bar is not None:
-            bar.stop()
+            bar.advance(f"loss {last:.3f}")
+        bar.stop()
         if losses is None:
             t0 = time.perf_counter()
             losses = per_sample_loss(model, train)

@@ -118,7 +118,7 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
     progress_file = progress_file or Checkpoint(None)
     done, seconds = _resume_masks(progress_file, masks, mask_opt, gen, iterations)
     t0 = time.perf_counter()
-    bar = progress_counter(progress, "anp masks", iterations - done, unit="step")
+    bar = progress_counter(progress, "anp masks", iterations, unit="step", done=done)
     for it in range(done, iterations):
         idx = torch.randint(0, len(y_all), (min(batch_size, len(y_all)),), generator=gen).to(device)
         x, y = x_all[idx].float().div_(255), y_all[idx]
@@ -150,10 +150,8 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
             progress_file.save({"masks": [m.detach().cpu() for m in masks], "optimizer": mask_opt.state_dict(),
                                 "generator": gen.get_state(), "iteration": it + 1,
                                 "seconds": seconds + time.perf_counter() - t0})
-        if bar is not None:
-            bar.advance()
-    if bar is not None:
-        bar.stop()
+        bar.advance()
+    bar.stop()
     return MaskRun([m.detach().cpu().clone() for m in masks], seconds + time.perf_counter() - t0, done > 0)
 
 

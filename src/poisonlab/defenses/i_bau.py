@@ -145,10 +145,8 @@ class IBAU(Defense):
                 for p, g in zip(params, grads):
                     p.grad = g.detach()
                 opt.step()
-            if bar is not None:
-                bar.advance()
-        if bar is not None:
-            bar.stop()
+            bar.advance()
+        bar.stop()
         model.eval()
         return DefenseResult(model=model, metrics={"n_finetune": len(clean), "rounds": self.rounds,
                                                    "outer_steps": self.rounds * len(batches),

@@ -95,10 +95,8 @@ def reverse_engineer_triggers(model: nn.Module, images: torch.Tensor, num_classe
                 ok = succ_sum / check_every >= success_threshold
                 cost = torch.where(ok, cost * 1.5, cost / 1.5 ** 1.5)
                 succ_sum.zero_()
-        if bar is not None:
-            bar.advance()
-    if bar is not None:
-        bar.stop()
+        bar.advance()
+    bar.stop()
     with torch.no_grad():
         none = torch.isinf(best_l1)  # never reached the threshold: keep the final mask
         mask = (torch.tanh(mask_p) + 1) / 2

@@ -468,7 +468,7 @@ def fit(
                 batch_weight_fn=batch_weight_fn, batch_transform=batch_transform)
     progress_file = Checkpoint(checkpoint, _fingerprint(s, seed)) if checkpoint is not None else Checkpoint(None)
     start = _resume(s, progress_file)
-    bar = progress_counter(progress, description, cfg.epochs - start)
+    bar = progress_counter(progress, description, cfg.epochs, done=start)
     bn_momenta = _scale_bn_momentum(s.model, cfg)
     try:
         for epoch in range(start, cfg.epochs):
@@ -482,13 +482,11 @@ def fit(
             progress_file.save(_snapshot(s))  # before the callback: a callback that stops the run loses nothing
             if epoch_callback is not None:
                 epoch_callback(rec, s.model)
-            if bar is not None:
-                bar.advance(_fmt(rec) + f" ({rec['seconds']:.0f}s)")
+            bar.advance(_fmt(rec) + f" ({rec['seconds']:.0f}s)")
             if stop:
                 break
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.stop()
         if s.opt.stem_group is not None:  # leave the model as it was built
             for p in s.opt.stem_group["params"]:
                 p.requires_grad_(True)

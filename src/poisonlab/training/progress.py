@@ -10,31 +10,50 @@ import time
 from typing import Any
 
 
-def progress_counter(enabled: bool, description: str, total: int, unit: str = "epoch") -> ProgressBar | ProgressLines | None:
-    """A counter of ``total`` ``unit``\\ s to ``advance()`` and ``stop()``; ``None`` when not ``enabled``.
+def progress_counter(enabled: bool, description: str, total: int, unit: str = "epoch",
+                     done: int = 0) -> Progress:
+    """A counter of ``total`` ``unit``\\ s, ``done`` of them already (a resumed run), to ``advance()`` and
+    ``stop()``, or to use as a context manager that stops it; one that shows nothing when not ``enabled``.
 
     Off a terminal: one line per epoch, or about ten lines in all for any other unit (a line per mask
     step of a 2,000-step defence would bury the log).
     """
     if not enabled:
-        return None
+        return Progress()
     from rich.console import Console
 
     console = Console()
     if console.is_terminal:
-        return ProgressBar(console, description, total, unit)
-    return ProgressLines(description, total, unit, every=1 if unit == "epoch" else max(1, math.ceil(total / 10)))
+        return ProgressBar(console, description, total, unit, done)
+    return ProgressLines(description, total, unit, every=1 if unit == "epoch" else max(1, math.ceil(total / 10)),
+                         done=done)
 
 
-class ProgressBar:
+class Progress:
+    """A progress counter that shows nothing (progress off); the base of the ones that do."""
+
+    def advance(self, info: str = "") -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class ProgressBar(Progress):
     """A transient rich bar: description, bar, done/total, elapsed time and the latest ``info``."""
 
-    def __init__(self, console: Any, description: str, total: int, unit: str = "epoch"):
+    def __init__(self, console: Any, description: str, total: int, unit: str = "epoch", done: int = 0):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit + "s"),
                             TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True)
-        self.task = self.bar.add_task(description, total=total, info="")
+        self.task = self.bar.add_task(description, total=total, completed=done, info="")
         self.bar.start()
 
     def advance(self, info: str = "") -> None:
@@ -44,12 +63,12 @@ class ProgressBar:
         self.bar.stop()
 
 
-class ProgressLines:
+class ProgressLines(Progress):
     """``description: unit done/total info`` on stderr every ``every`` units and at the last one."""
 
-    def __init__(self, description: str, total: int, unit: str = "epoch", every: int = 1):
+    def __init__(self, description: str, total: int, unit: str = "epoch", every: int = 1, done: int = 0):
         self.description, self.total, self.unit, self.every = description or "training", total, unit, every
-        self.done, self.t0 = 0, time.perf_counter()
+        self.done, self.t0 = done, time.perf_counter()
 
     def advance(self, info: str = "") -> None:
         self.done += 1
@@ -58,6 +77,3 @@ class ProgressLines:
         if not info and self.unit != "epoch":
             info = f"({time.perf_counter() - self.t0:.0f}s)"
         print(f"{self.description}: {self.unit} {self.done}/{self.total} {info}".rstrip(), file=sys.stderr, flush=True)
-
-    def stop(self) -> None:
-        pass
