@@ -1,7 +1,8 @@
 """Why plain fine-tuning (FT) leaves BadNets in the BackdoorBench table's victim: a small probe.
 
 Takes one poisoned victim from a BackdoorBench run's cache (``benchmarks/backdoorbench.py``), rebuilds its
-BadNets poisoning and trusted clean set exactly as the runner does (seed, ``clean_fraction``), and
+poisoning (the attack and parameters its ``meta.json`` records) and trusted clean set exactly as the
+runner does (seed, ``clean_fraction``), and
 fine-tunes copies of it with and without the fine-tune augmentation (random crop 4 + flip) at a few
 learning rates for a few epochs; prints clean accuracy and ASR on the first ``--n-test`` test images
 (no test-time augmentation, so the figures sit a little below the table's).
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from poisonlab.attacks import get_attack
+from poisonlab.errors import PoisonlabError
 from poisonlab.data import load_dataset
 from poisonlab.metrics import evaluate
 from poisonlab.models import build_model_for
@@ -32,7 +36,7 @@ from poisonlab.utils import load_state_dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="model.pt of the cached BadNets 10% airnet victim")
+    ap.add_argument("--model", required=True, help="model.pt of a cached airnet victim (its meta.json beside it)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seed", type=int, default=0, help="the run's seed (poison indices, trusted set)")
     ap.add_argument("--clean-fraction", type=float, default=0.05)
@@ -43,8 +47,7 @@ def main() -> None:
 
     train = load_dataset("cifar10", "train", data_dir=args.data_dir)
     test = load_dataset("cifar10", "test", data_dir=args.data_dir).subset(np.arange(args.n_test))
-    # the table's BadNets 10%: 3x3 white square, bottom-right, target 0 (examples/backdoorbench/cifar10.toml)
-    attack = get_attack("badnets", rate=0.1, size=3, intensity=1.0, corner="bottom-right", target=0)
+    attack = victim_attack(Path(args.model).parent / "meta.json")
     _, poisoning = attack.poison(train, seed=args.seed)
     clean_idx = np.setdiff1d(np.arange(len(train)), poisoning.indices)
     trusted = train.subset(clean_idx).stratified_subset(int(args.clean_fraction * len(train)), seed=args.seed)
@@ -52,6 +55,7 @@ def main() -> None:
     victim = build_model_for("airnet", train)
     victim.load_state_dict(load_state_dict(args.model))
     m = evaluate(victim, test, poisoning)
+    print(f"victim of {attack.registry_name}{attack.params()}")
     print(f"victim: clean {m['clean_acc']:.4f}  ASR {m['asr']:.4f}  (first {len(test)} test images, no TTA)")
     for spec in args.runs:
         aug, lr, epochs = spec.split(",")
@@ -65,6 +69,15 @@ def main() -> None:
         m = evaluate(tuned, test, poisoning)
         print(f"{aug:5s} lr {float(lr):<5g} {int(epochs):3d} epochs: loss {hist[-1]['loss']:.3f}  "
               f"clean {m['clean_acc']:.4f}  ASR {m['asr']:.4f}  ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def victim_attack(meta_file: Path):
+    """The attack a cached victim was poisoned with, from its ``meta.json`` (``poisoning``: attack and params)."""
+    try:
+        summary = json.loads(meta_file.read_text())["poisoning"]
+        return get_attack(summary["attack"], **summary["params"])
+    except (OSError, ValueError, KeyError, TypeError, PoisonlabError) as e:
+        raise SystemExit(f"{meta_file}: not a cached victim's meta.json with poisoning.attack and .params ({e})")
 
 
 if __name__ == "__main__":
