@@ -24,11 +24,13 @@ out. Draw 102 (``report-2``) was then the report half; the clean-label rule fail
 while looking at it. Draw 103 (``report-3``) was held out next; scoring it exposed a logic fault in the
 clean-label path, which was fixed while looking at it. Draw 104 (``report-4``) was then scored once with a
 lowered label-pair threshold, which falsely flagged the natural dog -> cat confusion in three of its
-folders; the pair rule was replaced while looking at it, so the report half is now draw 105 (``report``),
-whose cross-validation was cached (``--cv-only``; it does not depend on the rules) and which was scored
-once, after the rules were fixed. Draw seeds 100-105 differ from the draws (0/1) on which the audit's
-defaults were first chosen (benchmarks/audit_cifar.py). Rules are changed by looking at ``--half tune``
-and ``report-1`` to ``report-4`` only; docs/audit.md reports ``--half report``.
+folders; the pair rule was replaced while looking at it. Draw 105 (``report-5``) was then held out, its
+cross-validation cached (``--cv-only``; it does not depend on the rules) and scored once, after the rules
+were fixed (docs/audit.md). After that the half-learnt rule (``AuditConfig.half_learnt = "seeded"``) was
+chosen on draws 100-105, so the report half is now draw 106 (``report``), not yet looked at. Draw seeds
+100-106 differ from the draws (0/1) on which the audit's defaults were first chosen
+(benchmarks/audit_cifar.py). Rules are changed by looking at ``--half tune`` and ``report-1`` to
+``report-5`` only; docs/audit.md reports ``--half report``.
 
 The expensive part, the audit's cross-validation (fold models' out-of-sample probabilities and the last
 fold model's features), runs once per folder and is cached in OUT/cache/<folder>.npz with its seconds and
@@ -67,9 +69,9 @@ from poisonlab.data.imageset import ImageSet
 from poisonlab.utils import atomic_write_json
 
 TARGET = 0
-TUNE_SEED, REPORT_SEED = 100, 105
-EARLIER_REPORT_SEEDS = (101, 102, 103, 104)
-"""Report draws looked at once a rule was changed on them: halves ``report-1`` .. ``report-4``."""
+TUNE_SEED, REPORT_SEED = 100, 106
+EARLIER_REPORT_SEEDS = (101, 102, 103, 104, 105)
+"""Report draws looked at once a rule was changed on them: halves ``report-1`` .. ``report-5``."""
 HALVES = {TUNE_SEED: "tune", **{s: f"report-{i + 1}" for i, s in enumerate(EARLIER_REPORT_SEEDS)}, REPORT_SEED: "report"}
 
 
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=os.environ.get("POISONLAB_DATA", "../shared/data"))
     ap.add_argument("--out", default="runs/audit-suite")
     ap.add_argument("--half", choices=[*HALVES.values(), "all"], default="all",
-                    help="which folders to run and show (change rules by looking at 'tune' and 'report-1'..'report-4' only)")
+                    help="which folders to run and show (change rules by looking at 'tune' and 'report-1'..'report-5' only)")
     ap.add_argument("--only", default="", help="comma-separated folder kinds to run (default: every kind)")
     ap.add_argument("--n", type=int, default=10_000, help="images per folder")
     ap.add_argument("--quick", action="store_true",

@@ -228,6 +228,42 @@ def test_unlearned_trigger_ranks_the_inflated_class_by_label_issue():
         assert ("unlearned_poisons" in inf["0"]) == fires, (n_issue, inf["0"])
 
 
+def test_a_half_learnt_trigger_is_found_from_its_unlearned_poisons_direction():
+    """60 poisons in class 0: 30 the fold models did not learn (label issues), 30 they did (predicted as
+    class 0, as surely as its clean images); all carry the trigger along one feature direction."""
+    from poisonlab.audit import seeded_flags
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2, 3, 4], [160, 100, 100, 100, 100])
+    poisons, unlearnt = np.arange(60), np.arange(30)
+    issues = rng.random(len(labels)) < 0.05
+    issues[unlearnt] = True
+    issues[30:60] = False
+    issue_scores = rng.random(len(labels)) * 0.5
+    issue_scores[unlearnt] = 0.6 + 0.4 * rng.random(30)
+    whitened = rng.normal(size=(len(labels), 8))
+    whitened[poisons, 0] += 3.0  # the trigger's direction
+    ac_flags, ac_scores = np.zeros(len(labels), bool), rng.random(len(labels)) * 0.1
+    rank = (rng.random(len(labels)), rng.random(len(labels)))
+    common = dict(issues=issues, issue_scores=issue_scores, whitened=whitened)
+    flags, info = trigger_cluster_flags(labels, ac_flags, ac_scores, rank, **common)
+    n = info["0"]["estimated_poisons"]
+    assert info["0"]["seeded_from_issues"] and flags.sum() == n and not flags[160:].any()
+    assert flags[poisons].sum() >= min(n, 60) - 3  # the learnt half found along the seeds' direction
+    old, old_info = trigger_cluster_flags(labels, ac_flags, ac_scores, rank, half_learnt="issues", **common)
+    assert "seeded_from_issues" not in old_info["0"] and old[poisons].sum() <= 36  # only the unlearnt half
+    # a class with no learnt part (every poison a label issue) is flagged from the issues as before
+    all_issues = issues.copy()
+    all_issues[poisons] = True
+    scores = issue_scores.copy()
+    scores[poisons] = 0.6 + 0.4 * rng.random(60)
+    full, full_info = trigger_cluster_flags(labels, ac_flags, ac_scores, rank, issues=all_issues, issue_scores=scores,
+                                            whitened=whitened)
+    assert full[poisons].sum() == min(full_info["0"]["estimated_poisons"], 60)
+    picked = seeded_flags(whitened[:160], issue_scores[:160], 30, 60)
+    assert picked.sum() == 60 and picked[unlearnt].all() and picked[30:60].sum() >= 25  # clean images: noise
+
+
 def test_split_that_matches_the_excess_ranks_by_cluster_even_with_a_low_silhouette():
     rng = np.random.default_rng(1)
     labels = np.repeat([0, 1, 2, 3, 4], [160, 100, 100, 100, 100])

@@ -35,7 +35,7 @@ def test_halves_never_share_a_folder_and_held_out_kinds_are_report_only():
     # the earlier report draws (looked at once a rule was changed on them) have the same kinds as the report half
     for i in range(1, 5):
         assert {f.kind for f in folders if f.half == f"report-{i}"} == report
-    assert len({S.TUNE_SEED, *S.EARLIER_REPORT_SEEDS, S.REPORT_SEED}) == 6
+    assert len({S.TUNE_SEED, *S.EARLIER_REPORT_SEEDS, S.REPORT_SEED}) == 7
     assert {"backdoor", "clean_label", "flip", "clean"} <= {f.family for f in folders if f.half == "report"}
 
 

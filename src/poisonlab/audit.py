@@ -53,6 +53,8 @@ DETECTORS = ("confident_learning", "activation_clustering", "spectral_signatures
 FINDINGS = {"mislabelled": "likely mislabelled", "trigger": "likely trigger cluster"}
 AIRNET_MIN_SIDE = 16
 """Smallest image side on which ``model="auto"`` trains ``airnet`` fold models (three 2x poolings)."""
+HALF_LEARNT = ("seeded", "issues")
+"""How :func:`trigger_cluster_flags` flags a class whose trigger the fold models learnt in part."""
 
 
 @dataclass
@@ -103,6 +105,9 @@ class AuditConfig:
             (see :func:`trigger_cluster_flags`).
         unlearned_share: ... when the class's label issues beyond the other classes' rate reach this
             share of the estimated poisons, (0, 1].
+        half_learnt: ``"seeded"`` (default) or ``"issues"``: how such a class's flags are chosen when
+            the fold models learnt part of the trigger (:func:`trigger_cluster_flags`; chosen on the
+            audit suite's development draws 100-105).
         clean_label_ratio: flag a clean-label trigger cluster in a class whose features, whitened by
             the other classes' covariance, vary along their top principal axis at least this many
             times as much as along the second (:func:`clean_label_flags`), [1, 1000]; ``None`` turns
@@ -131,12 +136,13 @@ class AuditConfig:
     require_class_excess: bool = True
     unlearned_poisons: bool = True
     unlearned_share: float = 0.25
+    half_learnt: str = "seeded"
     clean_label_ratio: float | None = 3.1
     bf16: bool | None = None
     seed: int = 0
 
     def check(self) -> None:
-        from poisonlab.validate import check_range
+        from poisonlab.validate import check_choice, check_range
 
         if not isinstance(self.folds, int) or not 2 <= self.folds <= 20:
             raise ParameterError(f"folds must be an integer in [2, 20], got {self.folds!r}")
@@ -146,6 +152,7 @@ class AuditConfig:
         check_range(self.min_pair_share, "min_pair_share", 0, 1)
         check_range(self.min_pair_concentration, "min_pair_concentration", 0, 1)
         check_range(self.unlearned_share, "unlearned_share", 0, 1, lo_open=True)
+        check_choice(self.half_learnt, "half_learnt", HALF_LEARNT)
         check_range(self.certain_confidence, "certain_confidence", 0, 1)
         check_range(self.ac_size_threshold, "ac_size_threshold", 0, 0.5, lo_open=True)
         check_range(self.ac_silhouette_threshold, "ac_silhouette_threshold", -1, 1)
@@ -265,6 +272,7 @@ class Detections:
     flags: dict[str, np.ndarray]  # detector -> its own flag (N,)
     suggested: np.ndarray  # confident learning's suggested label (N,)
     class_info: dict[str, dict[str, Any]]  # activation clustering's per-class figures
+    whitened: np.ndarray  # the features whitened by the other classes' covariance (N, D)
 
 
 def run_detectors(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndarray, cfg: AuditConfig) -> Detections:
@@ -287,7 +295,8 @@ def run_detectors(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndarray
     # activation clustering runs on features whitened by the other classes' covariance: on
     # CIFAR-10 folders the plain per-class PCA split the target class along its natural variation
     # (a 40/60 split missing the poisons), the whitened one isolates the trigger cluster
-    zw = per_class_pca(other_class_whitened(features, y), y, 10, cfg.seed)
+    whitened = other_class_whitened(features, y)
+    zw = per_class_pca(whitened, y, 10, cfg.seed)
     s["activation_clustering"], f["activation_clustering"], ac_info = activation_clustering_scores(
         zw, y, size_threshold=cfg.ac_size_threshold, silhouette_threshold=cfg.ac_silhouette_threshold,
         seed=cfg.seed, projected=True)
@@ -300,7 +309,7 @@ def run_detectors(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndarray
     f["pca_kmeans"] = threshold_flags(s["pca_kmeans"], y, 3.0, None)
     s["isolation_forest"], f["isolation_forest"] = isolation_forest_scores(features, y, seed=cfg.seed)
     s["kmeans_vote"], f["kmeans_vote"], _ = kmeans_vote_scores(features, y, y.max() + 1 if len(y) else 2, cfg.seed)
-    return Detections(s, f, suggested, ac_info["classes"])
+    return Detections(s, f, suggested, ac_info["classes"], whitened)
 
 
 def spectral_flags_in_clustered_classes(labels: np.ndarray, ss_scores: np.ndarray, ac_flags: np.ndarray) -> np.ndarray:
@@ -338,6 +347,7 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
                           issues: np.ndarray | None = None, issue_scores: np.ndarray | None = None,
                           split_sizes: np.ndarray | None = None,
                           unlearned_share: float = AuditConfig.unlearned_share,
+                          half_learnt: str = "seeded", whitened: np.ndarray | None = None,
                           ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
     """Activation clustering's flags, kept only where a class is inflated as a dirty-label backdoor inflates it.
 
@@ -369,6 +379,14 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
     estimate, a natural 2-means split chosen instead, precision 0.05. Over the draws 100 and 101
     learnt triggers gave 0.00-0.03 and unlearned or half-learnt ones 0.47-0.99; 0.25 sits between
     (draw 101 is therefore no longer held out; the suite reports a fresh draw).
+
+    ``half_learnt="seeded"`` (default since the suite's draw 105 was scored): when the unlearned
+    estimate is below the poison estimate, only that many are taken from the issues and the rest by
+    :func:`seeded_flags`; ``"issues"`` takes the whole estimate from the issues (the rule before).
+    On the development draws 100-105, where the worst folders were triggers learnt for 14-46% of their
+    poisons, this raised a colour-gradient blend at 5% from 0.55-0.60 to 0.67-0.75 (precision
+    about equal to recall) and a 3x3 patch at 5% from 0.56-0.81 to 0.80-0.91, and cost a 3x3 patch
+    at 1% and 3% up to 0.02; it changes nothing where the fold models learnt the trigger or none of it.
 
     Returns:
         The new flags and, per class (str), the figures to add to the class report
@@ -405,11 +423,16 @@ def trigger_cluster_flags(labels: np.ndarray, ac_flags: np.ndarray, ac_scores: n
             entry.update(suspicious=True, by_excess=True)
         else:
             continue
-        if class_issues is not None and extra[c] >= unlearned_share * n_poison:  # an unlearned trigger
-            score = class_issues
-            entry["unlearned_poisons"] = int(extra[c])
         flags[idx] = False
-        flags[idx[top_k_mask(score, n_poison)]] = True
+        chosen = None
+        if class_issues is not None and extra[c] >= unlearned_share * n_poison:  # an unlearned trigger
+            entry["unlearned_poisons"] = int(extra[c])
+            if half_learnt == "seeded" and whitened is not None and extra[c] < n_poison:
+                chosen = seeded_flags(whitened[idx], class_issues, int(extra[c]), n_poison)
+                entry["seeded_from_issues"] = True
+            else:
+                score = class_issues
+        flags[idx[chosen if chosen is not None else top_k_mask(score, n_poison)]] = True
         entry["estimated_poisons"] = n_poison
     return flags, info
 
@@ -443,6 +466,22 @@ def split_sizes(labels: np.ndarray, class_info: dict[str, dict[str, Any]]) -> np
     counts = np.bincount(labels, minlength=int(labels.max()) + 1)
     return np.array([int(round(class_info.get(str(c), {}).get("small_share", 0.0) * counts[c]))
                      for c in range(len(counts))])
+
+
+def seeded_flags(z: np.ndarray, issue_scores: np.ndarray, n_seeds: int, n: int) -> np.ndarray:
+    """``n`` flags in one class, for a trigger the fold models learnt for part of its poisons only.
+
+    The unlearned part still looks like its true classes: the ``n_seeds`` images with the highest
+    ``issue_scores`` (the unlearned estimate, :func:`unlearned_poisons`) are flagged as seeds. The
+    learnt part is predicted as the class, but carries the trigger in the features ``z`` (the class's
+    rows, whitened by the other classes' covariance): the other ``n - n_seeds`` flags go to the
+    images furthest along the direction from the class's unseeded images to the seeds' mean.
+    """
+    from poisonlab.defenses.filters import top_k_mask
+
+    seeds = top_k_mask(issue_scores, n_seeds)
+    toward = z @ (z[seeds].mean(0) - z[~seeds].mean(0))
+    return seeds | top_k_mask(np.where(seeds, -np.inf, toward), n - n_seeds)
 
 
 def unlearned_poisons(labels: np.ndarray, issues: np.ndarray) -> np.ndarray:
@@ -600,7 +639,8 @@ def combine_evidence(labels: np.ndarray, cv_probs: np.ndarray, features: np.ndar
     if cfg.require_class_excess:
         ac_flags, excess_info = trigger_cluster_flags(
             y, ac_flags, s["activation_clustering"], (s["spectral_signatures"], s["pca_kmeans"]),
-            split_sizes=split_sizes(y, info), unlearned_share=cfg.unlearned_share,
+            split_sizes=split_sizes(y, info), unlearned_share=cfg.unlearned_share, half_learnt=cfg.half_learnt,
+            whitened=det.whitened,
             **({"issues": f["confident_learning"], "issue_scores": s["confident_learning"]}
                if cfg.unlearned_poisons else {}))
     else:
