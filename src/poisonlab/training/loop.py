@@ -466,7 +466,7 @@ def fit(
         weights = weights[rest_idx] if weights is not None else None
     s = prepare(model, train, cfg, sample_weight=weights, seed=seed, device=device, freeze_body=freeze_body,
                 batch_weight_fn=batch_weight_fn, batch_transform=batch_transform)
-    progress_file = Checkpoint(checkpoint, _fingerprint(s, seed)) if checkpoint is not None else Checkpoint(None)
+    progress_file = Checkpoint(checkpoint, _fingerprint(s, seed) if checkpoint is not None else "")
     start = _resume(s, progress_file)
     bar = progress_counter(progress, description, cfg.epochs, done=start)
     bn_momenta = _scale_bn_momentum(s.model, cfg)
@@ -479,7 +479,8 @@ def fit(
             s.history.append(rec)
             if stop:
                 rec["stopped_early"] = True
-            progress_file.save(_snapshot(s))  # before the callback: a callback that stops the run loses nothing
+            if progress_file:  # saved before the callback: a callback that stops the run loses nothing
+                progress_file.save(_snapshot(s))
             if epoch_callback is not None:
                 epoch_callback(rec, s.model)
             bar.advance(_fmt(rec) + f" ({rec['seconds']:.0f}s)")
