@@ -239,7 +239,7 @@ def test_a_cache_whose_progress_folder_is_a_link_keeps_no_progress(tmp_path):
 
 
 @pytest.mark.parametrize("name,params,unit,saves", [
-    # ANP's 2,000 mask steps of 256 images take about 2 hours on the table's CIFAR-10 victim
+    # ANP's 2,000 mask steps of 256 images take about 1.5 hours on the table's CIFAR-10 victim
     ("anp", {"iterations": 120, "batch_size": 32, "selection": "clean_accuracy"}, "iteration", [50, 100, 120]),
     ("ft_sam", {"epochs": 3, "batch_size": 64}, "epoch", [1, 2, 3]),
 ])
