@@ -117,6 +117,27 @@ def test_a_progress_file_that_does_not_fit_is_reported_and_ignored(train, straig
         _same(model, straight[0])
 
 
+def test_a_plateau_schedule_resumes_and_a_forged_one_is_never_loaded(train, tmp_path):
+    """The plateau schedule's counters travel in the file; its settings (and any extra attribute: a scheduler
+    loads a state by updating its ``__dict__``) may not be changed by one."""
+    kw = dict(epochs=4, val_fraction=0.2, schedule="plateau", plateau_patience=0, optimizer="adam", lr=0.05,
+              stem_bias_epochs=None)
+    m0, h0 = _fit(train, **kw)
+    path = tmp_path / "fit.pt"
+    with pytest.raises(Stop):
+        _fit(train, path, stop_after=2, **kw)
+    state = torch.load(path, weights_only=True)
+    m1, h1 = _fit(train, path, **kw)
+    _same(m1, m0)
+    assert _no_seconds(h1) == _no_seconds(h0)
+    for forged in ({**state["plateau"], "mode": "min"}, {**state["plateau"], "optimizer": "x"},
+                   {**state["plateau"], "num_bad_epochs": "7"}):
+        torch.save({**state, "plateau": forged}, path)
+        with pytest.warns(UserWarning, match=r"fit\.pt: progress file does not fit this run \(plateau: "):
+            m2, h2 = _fit(train, path, **kw)
+        _same(m2, m0)
+
+
 def test_a_symbolic_link_is_not_followed(train, straight, tmp_path):
     outside = tmp_path / "outside.pt"
     with pytest.raises(Stop):

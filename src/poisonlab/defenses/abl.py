@@ -242,10 +242,7 @@ def _resume_isolation(progress: Checkpoint, model: nn.Module, opt: torch.optim.O
                       epochs: int, n: int) -> tuple[int, float, float, np.ndarray | None]:
     """``(epochs done, last loss, seconds, losses or None)`` from an isolation progress file, restored into
     ``model``, ``opt`` and ``gen``; ``(0, 0.0, 0.0, None)`` when there is none or it does not fit."""
-    state = progress.load()
-    if state is None:
-        return 0, 0.0, 0.0, None
-    try:
+    def restore(state: dict) -> tuple[int, float, float, np.ndarray | None]:
         done = check_int(state.get("epoch"), "epoch", 1, epochs)
         last, seconds, losses = state.get("last"), state.get("seconds"), state.get("losses")
         if not isinstance(last, float) or not isinstance(seconds, float) or seconds < 0:
@@ -254,7 +251,6 @@ def _resume_isolation(progress: Checkpoint, model: nn.Module, opt: torch.optim.O
                                    or not losses.is_floating_point() or not bool(torch.isfinite(losses).all())):
             raise StaleProgress(f"losses must be {n} finite numbers")
         restore_training_state(state, model, [opt], gen)
-    except StaleProgress as e:
-        progress.discard(f"does not fit this run ({e})")
-        return 0, 0.0, 0.0, None
-    return done, last, seconds, (losses.numpy() if losses is not None and done == epochs else None)
+        return done, last, seconds, (losses.numpy() if losses is not None and done == epochs else None)
+
+    return progress.resume(restore) or (0, 0.0, 0.0, None)

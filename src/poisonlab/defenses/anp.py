@@ -159,10 +159,7 @@ def _resume_masks(progress_file: Checkpoint, masks: list[torch.Tensor], opt: tor
                   gen: torch.Generator, iterations: int) -> tuple[int, float]:
     """``(iterations done, seconds)`` of a stopped mask optimisation, restored into ``masks``, ``opt`` and
     ``gen``; ``(0, 0.0)`` when there is no progress file or it does not fit."""
-    state = progress_file.load()
-    if state is None:
-        return 0, 0.0
-    try:
+    def restore(state: dict) -> tuple[int, float]:
         done = check_int(state.get("iteration"), "iteration", 1, iterations)
         saved, seconds = state.get("masks"), state.get("seconds")
         if (not isinstance(saved, list) or len(saved) != len(masks)
@@ -172,15 +169,14 @@ def _resume_masks(progress_file: Checkpoint, masks: list[torch.Tensor], opt: tor
             raise StaleProgress("seconds must be a number")
         check_optimizer_state(state.get("optimizer"), opt)
         g = check_generator_state(state.get("generator"), gen)
-    except StaleProgress as e:
-        progress_file.discard(f"does not fit this run ({e})")
-        return 0, 0.0
-    with torch.no_grad():
-        for m, s in zip(masks, saved):
-            m.copy_(s.clamp(0, 1))
-    opt.load_state_dict(state["optimizer"])
-    gen.set_state(g)
-    return done, seconds
+        with torch.no_grad():  # everything is checked: now load
+            for m, s in zip(masks, saved):
+                m.copy_(s.clamp(0, 1))
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(g)
+        return done, seconds
+
+    return progress_file.resume(restore) or (0, 0.0)
 
 
 def prune_neurons(model: nn.Module, layers: list[nn.Module], order: np.ndarray, sizes: list[int], k: int) -> None:

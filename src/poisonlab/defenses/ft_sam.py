@@ -156,10 +156,7 @@ def _resume(progress: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, 
             epochs: int) -> tuple[int, float, list[float]]:
     """``(epochs done, seconds, last epoch's losses)`` of a stopped FT-SAM run, restored into ``model``,
     ``opt`` and ``gen``; ``(0, 0.0, [])`` when there is no progress file or it does not fit."""
-    state = progress.load()
-    if state is None:
-        return 0, 0.0, []
-    try:
+    def restore(state: dict) -> tuple[int, float, list[float]]:
         done = check_int(state.get("epoch"), "epoch", 1, epochs)
         seconds, losses = state.get("seconds"), state.get("losses")
         if not isinstance(seconds, float) or seconds < 0:
@@ -167,7 +164,6 @@ def _resume(progress: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, 
         if not isinstance(losses, list) or not losses or not all(isinstance(v, float) for v in losses):
             raise StaleProgress("losses must be the last epoch's batch losses")
         restore_training_state(state, model, [opt], gen)
-    except StaleProgress as e:
-        progress.discard(f"does not fit this run ({e})")
-        return 0, 0.0, []
-    return done, seconds, losses
+        return done, seconds, losses
+
+    return progress.resume(restore) or (0, 0.0, [])

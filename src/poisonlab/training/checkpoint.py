@@ -24,7 +24,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from poisonlab.errors import ConfigError
 from poisonlab.utils import atomic_write_bytes
 
 FORMAT = 1
+T = TypeVar("T")
 
 
 class StaleProgress(ValueError):
@@ -70,6 +71,22 @@ class Checkpoint:
             raise ConfigError(f"{self.path}: progress file of a different run (its settings, data size or seed "
                               "differ from this one's); delete it or point this run elsewhere")
         return state
+
+    def resume(self, restore: Callable[[dict[str, Any]], T]) -> T | None:
+        """Load the saved state and hand it to ``restore``; returns what ``restore`` returns, or None when
+        there is nothing to continue from.
+
+        ``restore`` checks the state against the work (the ``check_*`` helpers), raising
+        :class:`StaleProgress` before it changes anything when the state does not fit; the file is then
+        discarded with a warning and None is returned, so the work starts over as if it had no file.
+        """
+        state = self.load()
+        if state is None:
+            return None
+        try:
+            return restore(state)
+        except StaleProgress as e:
+            return self.discard(f"does not fit this run ({e})")
 
     def save(self, state: dict[str, Any]) -> None:
         """Write ``state`` (tensors and plain containers) atomically: a reader sees the old file or the new one."""
@@ -157,6 +174,26 @@ def check_optimizer_state(state: Any, opt: torch.optim.Optimizer, name: str = "o
         for k, v in per_param.items():
             if isinstance(v, torch.Tensor) and v.numel() != 1 and v.shape != shapes[pid]:
                 raise StaleProgress(f"{name}: {k} of parameter {pid} has the wrong shape")
+    return state
+
+
+def check_scheduler_state(state: Any, own: dict[str, Any], counters: tuple[str, ...], name: str) -> dict:
+    """``state`` if it is a scheduler's state dict equal to ``own`` (the live scheduler's) except in the
+    numeric ``counters``: a hostile file may then move the schedule along, never change its settings or
+    add attributes (schedulers load a state dict by updating their ``__dict__``)."""
+    if not isinstance(state, dict) or set(state) != set(own):
+        raise StaleProgress(f"{name}: the saved schedule does not have this schedule's fields")
+    for k, mine in own.items():
+        v = state[k]
+        if k not in counters:
+            if v != mine:
+                raise StaleProgress(f"{name}: {k} differs from this run's ({v!r} vs {mine!r})")
+        elif isinstance(mine, list):
+            if (not isinstance(v, list) or len(v) != len(mine)
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                raise StaleProgress(f"{name}: {k} must be {len(mine)} numbers")
+        elif not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise StaleProgress(f"{name}: {k} must be a number")
     return state
 
 

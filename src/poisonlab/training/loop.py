@@ -30,6 +30,7 @@ from poisonlab.training.checkpoint import (
     StaleProgress,
     check_int,
     check_model_state,
+    check_scheduler_state,
     fingerprint,
     layer_shapes,
     restore_training_state,
@@ -515,27 +516,32 @@ def _snapshot(s: TrainState) -> dict:
 def _resume(s: TrainState, progress_file: Checkpoint) -> int:
     """Load a stopped run's progress into ``s``; returns the epoch to start from (``cfg.epochs``: finished).
 
-    A file that does not fit this run (a :class:`StaleProgress`) is reported and ignored: training starts over.
+    A file that does not fit this run is reported and ignored: training starts over (epoch 0).
     """
-    state = progress_file.load()
-    if state is None:
-        return 0
-    try:
-        epochs = s.cfg.epochs
-        epoch = check_int(state.get("epoch"), "epoch", 1, epochs)
-        history = state.get("history")
-        if not isinstance(history, list) or len(history) != epoch or not all(isinstance(r, dict) for r in history):
-            raise StaleProgress("history must hold one record per finished epoch")
-        step = check_int(state.get("step"), "step", 0, s.total_steps)
-        if state.get("best_state") is not None:
-            check_model_state(state["best_state"], s.model, "best_state")
-        if not isinstance(state.get("best_score"), float) or not isinstance(state.get("bad_epochs"), int):
-            raise StaleProgress("best_score and bad_epochs must be numbers")
-        restore_training_state(state, s.model, s.opt.all, s.gen)
-    except StaleProgress as e:
-        progress_file.discard(f"does not fit this run ({e})")
-        return 0
-    if s.plateau is not None and isinstance(state.get("plateau"), dict):
+    start = progress_file.resume(lambda state: _restore(s, state))
+    return 0 if start is None else start
+
+
+# The plateau schedule's fields that move as training goes; the rest are its settings, which must not change.
+PLATEAU_COUNTERS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch", "_last_lr")
+
+
+def _restore(s: TrainState, state: dict) -> int:
+    """Check ``state`` against ``s`` (raising :class:`StaleProgress` before anything changes), then load it."""
+    epochs = s.cfg.epochs
+    epoch = check_int(state.get("epoch"), "epoch", 1, epochs)
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) != epoch or not all(isinstance(r, dict) for r in history):
+        raise StaleProgress("history must hold one record per finished epoch")
+    step = check_int(state.get("step"), "step", 0, s.total_steps)
+    if state.get("best_state") is not None:
+        check_model_state(state["best_state"], s.model, "best_state")
+    if not isinstance(state.get("best_score"), float) or not isinstance(state.get("bad_epochs"), int):
+        raise StaleProgress("best_score and bad_epochs must be numbers")
+    if s.plateau is not None:
+        check_scheduler_state(state.get("plateau"), s.plateau.state_dict(), PLATEAU_COUNTERS, "plateau")
+    restore_training_state(state, s.model, s.opt.all, s.gen)
+    if s.plateau is not None:
         s.plateau.load_state_dict(state["plateau"])
     s.step, s.history, s.best_state = step, history, state["best_state"]
     s.best_score, s.bad_epochs = state["best_score"], state["bad_epochs"]
