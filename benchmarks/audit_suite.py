@@ -27,7 +27,9 @@ lowered label-pair threshold, which falsely flagged the natural dog -> cat confu
 folders; the pair rule was replaced while looking at it. Draw 105 (``report-5``) was then held out, its
 cross-validation cached (``--cv-only``; it does not depend on the rules) and scored once, after the rules
 were fixed (docs/audit.md). After that the half-learnt rule (``AuditConfig.half_learnt = "seeded"``) was
-chosen on draws 100-105, so the report half is now draw 106 (``report``), not yet looked at. Draw seeds
+chosen on draws 100-105, so the report half became draw 106 (``report``), cached and scored once on
+2026-12-03 with the rules of commit 949af37 (docs/audit.md). A rule changed after that must be judged on a
+new draw: move ``REPORT_SEED`` to 107 and add 106 to ``EARLIER_REPORT_SEEDS``. Draw seeds
 100-106 differ from the draws (0/1) on which the audit's defaults were first chosen
 (benchmarks/audit_cifar.py). Rules are changed by looking at ``--half tune`` and ``report-1`` to
 ``report-5`` only; docs/audit.md reports ``--half report``.
