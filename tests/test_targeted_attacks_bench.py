@@ -1,0 +1,66 @@
+"""benchmarks/targeted_attacks.py's plumbing: the transfer victim's linear head and a clean model given as a file."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from poisonlab.models import build_model
+from poisonlab.utils import save_state_dict
+
+
+def _benchmark(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TA = _benchmark("targeted_attacks")
+
+
+def test_the_linear_head_answers_in_the_order_of_the_classes_given():
+    """Classes given out of order (the pair head passes (target class, adversarial class)) keep that order."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-2, 1, (100, 4)), rng.normal(2, 1, (100, 4))])
+    y = np.repeat([7, 2], 100)
+    head = TA._linear_head(x, y, (7, 2))
+    p = head(np.array([[-3.0] * 4, [3.0] * 4]))
+    assert p.shape == (2, 2) and np.allclose(p.sum(1), 1)
+    assert p[0, 0] > 0.99 and p[1, 1] > 0.99  # column 0 is class 7, column 1 class 2
+
+
+def _args(tmp_path, clean_model):
+    return argparse.Namespace(model="fastnet", model_params=None, clean_model=str(clean_model), device="cpu")
+
+
+def test_a_given_clean_model_is_loaded_and_its_accuracy_logged(digits, tmp_path):
+    train, test = digits
+    torch.manual_seed(0)
+    model = build_model("fastnet", 1, 10, 8, *train.channel_stats())
+    path = tmp_path / "clean.pt"
+    save_state_dict(model, path)
+    bench = TA.Bench(tmp_path / "out", "feature_collision", [])
+    got = TA._given_clean(_args(tmp_path, path), bench, train, test)
+    for a, b in zip(got.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    row = bench.rows[-1]
+    assert row["event"] == "clean_model" and row["from"] == str(path) and 0 <= row["clean_acc"] <= 1
+
+
+def test_a_clean_model_file_that_does_not_fit_is_refused_in_one_sentence(digits, tmp_path):
+    train, test = digits
+    bench = TA.Bench(tmp_path / "out", "feature_collision", [])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pt"
+    save_state_dict(build_model("cnn3", 1, 10, 8), other)
+    for path in (junk, other, tmp_path / "missing.pt"):
+        with pytest.raises(SystemExit, match=rf"--clean-model: {path}"):
+            TA._given_clean(_args(tmp_path, path), bench, train, test)
