@@ -125,7 +125,6 @@ def _train(args, train, seed: int):
 
 def _clean(args, bench: Bench, train, test, seed: int):
     """The clean model of ``seed`` (trained once, saved under OUT, reloaded on a rerun)."""
-    from poisonlab.metrics import evaluate
     from poisonlab.utils import load_state_dict, save_state_dict
 
     if args.clean_model is not None:
@@ -137,17 +136,23 @@ def _clean(args, bench: Bench, train, test, seed: int):
         return model.eval()
     model, secs = _train(args, train, seed)
     save_state_dict(model, path)
-    acc = evaluate(model, test)["clean_acc"]
-    bench.add({"event": "clean_model", "seed": seed, "seconds": round(secs, 1), "clean_acc": round(acc, 4),
-               "note": "" if acc >= 0.9 else "below the issue's 90% clean accuracy: use the strong recipe/model"})
+    _log_clean(bench, model, test, seed=seed, seconds=round(secs, 1))
     return model
+
+
+def _log_clean(bench: Bench, model, test, **fields) -> None:
+    """Log the clean model's test accuracy (with ``fields``), noting when it is below the issue's 90%."""
+    from poisonlab.metrics import evaluate
+
+    acc = evaluate(model, test)["clean_acc"]
+    bench.add({"event": "clean_model", **fields, "clean_acc": round(acc, 4),
+               "note": "" if acc >= 0.9 else "below the issue's 90% clean accuracy: use the strong recipe/model"})
 
 
 def _given_clean(args, bench: Bench, train, test):
     """The clean model of ``--clean-model`` (a state dict poisonlab saved, e.g. a grid cache's
     ``clean/<key>/model.pt``), checked to be a ``--model`` of this data's shape; its accuracy is logged."""
     from poisonlab.errors import DataError
-    from poisonlab.metrics import evaluate
     from poisonlab.utils import load_state_dict
 
     path = Path(args.clean_model)
@@ -160,9 +165,7 @@ def _given_clean(args, bench: Bench, train, test):
         raise SystemExit(f"--clean-model: {path} is not a {args.model} for this data "
                          f"({str(e).strip().splitlines()[0][:200]})") from None
     model.eval()
-    acc = evaluate(model, test)["clean_acc"]
-    bench.add({"event": "clean_model", "from": str(path), "clean_acc": round(acc, 4),
-               "note": "" if acc >= 0.9 else "below the issue's 90% clean accuracy: use the strong recipe/model"})
+    _log_clean(bench, model, test, **{"from": str(path)})
     return model
 
 
