@@ -196,33 +196,16 @@ def _summary(bench: Bench, part: str, rows: list[dict], field: str, by: Callable
         bench.add({"event": "summary", "part": part, "group": g, "n": len(v), field: round(float(np.mean(v)), 4)})
 
 
-def _crafting_flops_per_poison_step(model, shape: tuple[int, int, int], device: str) -> float:
-    """FLOPs of one gradient-matching step per poison, counted with ``torch.utils.flop_counter`` on 8
-    images: the forward pass, the parameter gradient with its graph, and the gradient of a function of
-    that gradient back to the input (the double backward every crafting step takes)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    h, w, c = shape
-    params = [p for p in model.parameters() if p.requires_grad]
-    x = torch.rand(8, c, h, w, device=device)
-    d = torch.zeros_like(x, requires_grad=True)  # the perturbation, as the attack differentiates it
-    with FlopCounterMode(display=False) as fc:
-        loss = torch.nn.functional.cross_entropy(model(x + d), torch.zeros(8, dtype=torch.long, device=device))
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        # matmuls and convolutions are what is counted; the cosine's element-wise work is not
-        torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), d)
-    return fc.get_total_flops() / 8
-
-
 # ------------------------------------------------------------------------------------------ the parts
 def gradient_matching(args, bench: Bench) -> None:
     from poisonlab import get_attack
+    from poisonlab.attacks.gradient_matching import crafting_flops_per_poison_step
     from poisonlab.metrics import evaluate
 
     train, test = _data(args)
     _, clean, ctx = next(_seeded(args, bench, train, test))  # one clean model: --seed
     n_poisons = round(args.budget * len(train))
-    per_step = _crafting_flops_per_poison_step(clean, train.shape, args.device)
+    per_step = crafting_flops_per_poison_step(clean, train.shape)
     pflop = per_step * n_poisons * args.steps * args.restarts / 1e15
     bench.add({"event": "crafting_cost", "gflop_per_poison_step": round(per_step / 1e9, 3), "n_poisons": n_poisons,
                "pflop_per_pair": float(f"{pflop:.4g}")})

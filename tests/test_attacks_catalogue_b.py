@@ -183,6 +183,20 @@ def test_gradient_matching_improves_alignment(digits, clean_digits):
     assert "target_success" in m
 
 
+def test_gradient_matching_crafting_flops(digits):
+    """A crafting step is a forward pass, a backward pass with its graph, and a backward pass through
+    that gradient: more than one training step's forward + backward per image, less than four of them."""
+    from poisonlab.attacks.gradient_matching import crafting_flops_per_poison_step
+    from poisonlab.training.perf import step_flops
+
+    tr, _ = digits
+    m = _model(tr).eval()
+    per_poison = crafting_flops_per_poison_step(m, tr.shape)
+    per_image = step_flops(m, tr, TrainConfig(epochs=1, batch_size=32)) / 32
+    assert 1.5 * per_image < per_poison < 4 * per_image, (per_poison, per_image)
+    assert crafting_flops_per_poison_step(m, tr.shape, n=4) == pytest.approx(per_poison)  # per poison: n cancels
+
+
 # ------------------------------------------------------ feature collision
 def test_feature_collision_moves_head_retrained_victim(digits, clean_digits):
     tr, te = digits

@@ -186,12 +186,9 @@ class GradientMatching(Attack):
                 total = 0.0
                 for i in range(0, len(x0), self.batch_size):
                     sl = slice(i, i + self.batch_size)
-                    ds = d[sl].detach().requires_grad_(True)
-                    x = augment_batch(x0[sl] + ds * std, shift, self.flip, gen=gen)
-                    pgrad = _param_grad(model, x, y0[sl], params, bf16, create_graph=True)
-                    loss = alignment_loss(pgrad, tgrad, tnorm)
-                    (grad[sl],) = torch.autograd.grad(loss, ds)
-                    total += float(loss.detach()) * len(x)
+                    loss, grad[sl] = _step(model, x0[sl], d[sl], std, y0[sl], params, tgrad, tnorm, bf16,
+                                           shift, self.flip, gen)
+                    total += float(loss) * len(grad[sl])
                 d.grad = grad.sign_()  # signed Adam: Adam on the sign of the gradient
                 opt.step()
                 sched.step()
@@ -211,6 +208,43 @@ class GradientMatching(Attack):
                 "restart_alignments": [round(r[0][-1], 4) for r in runs], "restart_chosen": chosen,
                 "alignment_per_step": [round(c, 4) for c in curve], "bf16": bf16, "shift": shift}
         return (best * std).cpu(), info
+
+
+def _step(model: nn.Module, x0: torch.Tensor, d: torch.Tensor, std: torch.Tensor, y: torch.Tensor,
+          params: list[torch.Tensor], tgrad: Sequence[torch.Tensor], tnorm: torch.Tensor, bf16: bool,
+          shift: int, flip: bool, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One crafting step on a poison batch: the alignment loss of ``x0 + d * std`` (augmented) and its
+    gradient w.r.t. ``d`` -- a forward pass, the parameter gradient with its graph, and a second
+    backward pass through that gradient to the input."""
+    d = d.detach().requires_grad_(True)
+    x = augment_batch(x0 + d * std, shift, flip, gen=gen)
+    loss = alignment_loss(_param_grad(model, x, y, params, bf16, create_graph=True), tgrad, tnorm)
+    (g,) = torch.autograd.grad(loss, d)
+    return loss.detach(), g
+
+
+def crafting_flops_per_poison_step(model: nn.Module, image_shape: tuple[int, int, int], *, n: int = 8,
+                                   bf16: bool = False) -> float:
+    """FLOPs that one crafting step of :class:`GradientMatching` spends on one poison against ``model``.
+
+    Counted with ``torch.utils.flop_counter`` on ``n`` random images of ``image_shape`` (H, W, C)
+    through the attack's own step (:func:`_step`: forward, parameter gradient with its graph, double
+    backward to the perturbation); matmuls and convolutions are what the counter sees, not the
+    cosine's element-wise work. A whole brew costs about this times poisons x steps x restarts.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w, c = image_shape
+    dev = model_device(model)
+    params = _flat_grad_params(model)
+    x0 = torch.rand(n, c, h, w, device=dev)
+    y = torch.zeros(n, dtype=torch.long, device=dev)
+    tgrad = [torch.zeros_like(p) for p in params]
+    std = torch.ones(1, c, 1, 1, device=dev)
+    with FlopCounterMode(display=False) as fc:
+        _step(model, x0, torch.zeros_like(x0), std, y, params, tgrad, torch.ones((), device=dev), bf16,
+              1, True, torch.Generator().manual_seed(0))
+    return fc.get_total_flops() / n
 
 
 def _param_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], bf16: bool,
