@@ -1,6 +1,10 @@
-"""Shared helpers for tests that train a small model on the 8x8 digits."""
+"""Shared test helpers: a small model trained on the 8x8 digits, a tiny grid, a benchmark script as a module."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
@@ -8,6 +12,17 @@ from poisonlab.models import build_model
 from poisonlab.training import TrainConfig, fit
 
 WIDTHS = (16, 32, 64)
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package), registered under ``name``
+    (dataclasses look their module up while being built)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def train_small(train, sample_weight=None, description: str = "train", history_out: list | None = None,

@@ -1,26 +1,13 @@
 """The audit challenge suite (benchmarks/audit_suite.py): its folders' ground truth, halves and scoring."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from poisonlab.audit import AuditConfig
 
+from helpers import load_benchmark
 
-def _benchmark(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # the suite's dataclasses look their module up while being built
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _benchmark("audit_suite")
+S = load_benchmark("audit_suite")
 
 
 def test_halves_never_share_a_folder_and_held_out_kinds_are_report_only():
@@ -95,7 +82,7 @@ def test_set_refuses_a_field_the_audit_does_not_have():
 
 
 def test_flip_bound_counts_the_oracle_pairs_and_the_argmax_ceiling():
-    fb = _benchmark("audit_flip_bound")
+    fb = load_benchmark("audit_flip_bound")
     true = np.repeat(np.arange(4), 50)
     labels = true.copy()
     flipped = np.zeros(len(true), dtype=bool)
@@ -114,7 +101,7 @@ def test_flip_bound_counts_the_oracle_pairs_and_the_argmax_ceiling():
 
 
 def test_clean_label_stats_mark_the_poisoned_class_and_refuse_the_report_half(slice_):
-    cs = _benchmark("audit_clean_label_stats")
+    cs = load_benchmark("audit_clean_label_stats")
     clean, _ = slice_
     n, labels = len(clean), clean.labels
     rng = np.random.default_rng(0)

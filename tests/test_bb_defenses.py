@@ -8,7 +8,6 @@ shown on the digits' one-pixel trigger instead. The trusted clean set is 10% of 
 """
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -266,9 +265,9 @@ def test_table_config_trains_each_poisoned_model_once(config, tmp_path):
 
 
 def test_table_writer_puts_ours_beside_the_published():
-    spec = importlib.util.spec_from_file_location("bb_bench", REPO / "benchmarks" / "backdoorbench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from helpers import load_benchmark
+
+    bench = load_benchmark("backdoorbench")
     bad = "badnets(corner=bottom-right,intensity=1.0,rate=0.1,size=3,target=0)"
     rows = [{"attack": bad, "defense": "none", "seed": s, "clean_acc": a, "asr": 0.95, "robust_acc": 0.04}
             for s, a in ((0, "0.90"), (1, "0.92"))]

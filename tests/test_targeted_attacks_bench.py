@@ -1,9 +1,6 @@
 """benchmarks/targeted_attacks.py's plumbing: the transfer victim's linear head and a clean model given as a file."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,17 +9,9 @@ import torch
 from poisonlab.models import build_model
 from poisonlab.utils import save_state_dict
 
+from helpers import load_benchmark
 
-def _benchmark(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-TA = _benchmark("targeted_attacks")
+TA = load_benchmark("targeted_attacks")
 
 
 def test_the_linear_head_answers_in_the_order_of_the_classes_given():
