@@ -2,7 +2,7 @@
 
 The device tool sends the working tree plus up to 8 ignored ``carry`` paths, 64 MiB in all, and
 nothing can be fetched on that machine; ignored files already there stay between calls while the
-machine is warm. CIFAR-10's canonical python pickles are 178 MB (134 MB xz-compressed: natural
+machine is warm. CIFAR-10's canonical python pickles are 178 MB (133 MiB xz-compressed: natural
 images do not compress much), so the full set cannot travel in one call. This script packs a
 dataset folder into parts that each fit one call, and unpacks them there, byte for byte:
 
