@@ -51,29 +51,21 @@ def pack(data_dir: Path, dataset: str, out: Path, part_limit: int = PART_LIMIT) 
     if any(out.glob("p[0-9]*")):
         raise SystemExit(f"pack: {out} already holds parts (p0, ...): remove them or give another --out")
     parts: list[list[dict]] = [[]]
-    sizes = [0]
-    out.mkdir(parents=True, exist_ok=True)
-    staged = out / ".staging"
-    staged.mkdir(exist_ok=True)
     for f in files:
         raw = f.read_bytes()
         packed = lzma.compress(raw, preset=6)
-        if sizes[-1] and sizes[-1] + len(packed) > part_limit:
+        if parts[-1] and sum(e["xz_bytes"] for e in parts[-1]) + len(packed) > part_limit:
             parts.append([])
-            sizes.append(0)
-        (staged / f"{f.name}.xz").write_bytes(packed)
+        d = out / f"p{len(parts) - 1}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{f.name}.xz").write_bytes(packed)
         parts[-1].append({"file": f.name, "sha256": _sha256(raw), "bytes": len(raw), "xz_bytes": len(packed)})
-        sizes[-1] += len(packed)
     written = []
-    for k, entries in enumerate(parts):
+    for k, entries in enumerate(parts):  # the manifests last: only now is the number of parts known
         d = out / f"p{k}"
-        d.mkdir(exist_ok=True)
-        for e in entries:
-            (staged / f"{e['file']}.xz").replace(d / f"{e['file']}.xz")
         (d / "manifest.json").write_text(json.dumps({"dataset": dataset, "part": k, "parts": len(parts),
                                                      "files": entries}, indent=1))
         written.append(d)
-    staged.rmdir()
     return written
 
 
