@@ -223,14 +223,14 @@ def _step(model: nn.Module, x0: torch.Tensor, d: torch.Tensor, std: torch.Tensor
     return loss.detach(), g
 
 
-def crafting_flops_per_poison_step(model: nn.Module, image_shape: tuple[int, int, int], *, n: int = 8,
-                                   bf16: bool = False) -> float:
+def crafting_flops_per_poison_step(model: nn.Module, image_shape: tuple[int, int, int], *, n: int = 8) -> float:
     """FLOPs that one crafting step of :class:`GradientMatching` spends on one poison against ``model``.
 
     Counted with ``torch.utils.flop_counter`` on ``n`` random images of ``image_shape`` (H, W, C)
     through the attack's own step (:func:`_step`: forward, parameter gradient with its graph, double
     backward to the perturbation); matmuls and convolutions are what the counter sees, not the
-    cosine's element-wise work. A whole brew costs about this times poisons x steps x restarts.
+    cosine's element-wise work (the same count in float32 and bf16, so it runs in float32). A whole
+    brew costs about this times poisons x steps x restarts.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -242,7 +242,7 @@ def crafting_flops_per_poison_step(model: nn.Module, image_shape: tuple[int, int
     tgrad = [torch.zeros_like(p) for p in params]
     std = torch.ones(1, c, 1, 1, device=dev)
     with FlopCounterMode(display=False) as fc:
-        _step(model, x0, torch.zeros_like(x0), std, y, params, tgrad, torch.ones((), device=dev), bf16,
+        _step(model, x0, torch.zeros_like(x0), std, y, params, tgrad, torch.ones((), device=dev), False,
               1, True, torch.Generator().manual_seed(0))
     return fc.get_total_flops() / n
 
