@@ -8,7 +8,9 @@ resumed (and runs in the background: ``nohup python ... &``).
   gradient_matching  Witches' Brew (Geiping et al. 2021): success rate over random (target image,
                      adversarial class) pairs, 1% budget, eps 16/255, the paper's 8 restarts x 240
                      steps unless --restarts/--steps say otherwise; each pair's victim is trained from
-                     scratch on the poisoned set (a seed the surrogate did not use).
+                     scratch on the poisoned set (a seed the surrogate did not use). --controls adds a
+                     clean model of each victim's seed, so that the poisons' effect on the target is
+                     read against the same seed without them (p_adv_lift).
                      Paper: about 90% for ResNet-18 on CIFAR-10.
   nn_flip            Study 3: over (target, seed) pairs, the target's adversarial-class probability and
                      whether its label flips, for every --k x --feature-spaces x --metrics; victims
@@ -209,7 +211,7 @@ def gradient_matching(args, bench: Bench) -> None:
     pflop = per_step * n_poisons * args.steps * args.restarts / 1e15
     bench.add({"event": "crafting_cost", "gflop_per_poison_step": round(per_step / 1e9, 3), "n_poisons": n_poisons,
                "pflop_per_pair": float(f"{pflop:.4g}")})
-    rows = []
+    rows, controls = [], []
     for pair in range(args.pairs):
         key = f"{_recipe_id(args)}/gm/{pair}/b{args.budget}/e{args.eps}/s{args.steps}x{args.restarts}"
         row = bench.done(key)
@@ -230,7 +232,28 @@ def gradient_matching(args, bench: Bench) -> None:
                              "victim_clean_acc": round(evaluate(victim, test)["clean_acc"], 4),
                              **_scalars(rec.extra)})
         rows.append(row)
+        if args.controls:
+            controls.append(_control(args, bench, train, test, row, seed=args.seed + 1 + pair))
     _summary(bench, "gradient_matching", rows, "success")
+    if controls:
+        _summary(bench, "gradient_matching_control", controls, "p_adv_lift")
+
+
+def _control(args, bench: Bench, train, test, row: dict, seed: int) -> dict:
+    """What the pair's victim would have said without the poisons: the target's adversarial-class
+    probability under a clean model trained with the victim's seed (saved under OUT like every clean
+    model, so one per seed). ``p_adv_lift`` is the victim's probability minus this one, a paired
+    measure of the poisons' effect that does not mix in the spread between seeds."""
+    key = f"{row['key']}/control"
+    done = bench.done(key)
+    if done is not None:
+        return done
+    t, adv = row["target"], row["adversarial_class"]
+    p = _target_probs(_clean(args, bench, train, test, seed), test, t)
+    return bench.add({"key": key, "part": "gradient_matching_control", "seed": seed, "target": t,
+                      "adversarial_class": adv, "p_adv_control": round(float(p[adv]), 4),
+                      "p_adv_victim": row["p_adv_victim"], "p_adv_lift": round(row["p_adv_victim"] - float(p[adv]), 4),
+                      "control_predicts_adv": bool(p.argmax() == adv)})
 
 
 def nn_flip(args, bench: Bench) -> None:
@@ -420,6 +443,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--eps", type=float, default=16 / 255)
     g.add_argument("--steps", type=int, default=240)
     g.add_argument("--restarts", type=int, default=8)
+    g.add_argument("--controls", action="store_true",
+                   help="also train a clean model with each pair's victim seed and record the target's "
+                        "adversarial-class probability under it (p_adv_control, p_adv_lift): about one more "
+                        "victim's time per pair, the model is saved under OUT and reused")
     g = ap.add_argument_group("nn_flip and label_consistent")
     g.add_argument("--seeds", type=int, default=1)
     g.add_argument("--targets", type=int, default=5, help="nn_flip: targets per seed; feature_collision: targets")
@@ -442,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.clean_model is not None and args.seeds != 1:
         ap.error("--clean-model gives one clean model: use it with --seeds 1")
+    if args.clean_model is not None and args.controls:
+        ap.error("--controls trains a clean model per victim seed: it cannot be used with --clean-model")
     torch.set_num_threads(args.threads)
     if args.bf16 is None:
         from poisonlab.training import use_bf16
