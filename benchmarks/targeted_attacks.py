@@ -214,12 +214,13 @@ def gradient_matching(args, bench: Bench) -> None:
     rows, controls = [], []
     for pair in range(args.pairs):
         key = f"{_recipe_id(args)}/gm/{pair}/b{args.budget}/e{args.eps}/s{args.steps}x{args.restarts}"
+        victim_seed = args.seed + 1 + pair  # one the surrogate did not use; its control uses it too
         row = bench.done(key)
         if row is None:
             attack = get_attack("gradient_matching", budget=args.budget, epsilon=args.eps, steps=args.steps,
                                 restarts=args.restarts)
             poisoned, rec = attack.poison(train, seed=1000 + pair, context=ctx)  # random target and class per pair
-            victim, vsecs = _train(args, poisoned, seed=args.seed + 1 + pair)
+            victim, vsecs = _train(args, poisoned, seed=victim_seed)
             t, adv = int(rec.target_indices[0]), int(rec.adversarial_labels[0])
             p = _target_probs(victim, test, t)
             row = bench.add({"key": key, "part": "gradient_matching", "target": t, "target_class": int(test.labels[t]),
@@ -233,7 +234,7 @@ def gradient_matching(args, bench: Bench) -> None:
                              **_scalars(rec.extra)})
         rows.append(row)
         if args.controls:
-            controls.append(_control(args, bench, train, test, row, seed=args.seed + 1 + pair))
+            controls.append(_control(args, bench, train, test, row, seed=victim_seed))
     _summary(bench, "gradient_matching", rows, "success")
     if controls:
         _summary(bench, "gradient_matching_control", controls, "p_adv_lift")
@@ -250,9 +251,10 @@ def _control(args, bench: Bench, train, test, row: dict, seed: int) -> dict:
         return done
     t, adv = row["target"], row["adversarial_class"]
     p = _target_probs(_clean(args, bench, train, test, seed), test, t)
+    p_adv = float(p[adv])
     return bench.add({"key": key, "part": "gradient_matching_control", "seed": seed, "target": t,
-                      "adversarial_class": adv, "p_adv_control": round(float(p[adv]), 4),
-                      "p_adv_victim": row["p_adv_victim"], "p_adv_lift": round(row["p_adv_victim"] - float(p[adv]), 4),
+                      "adversarial_class": adv, "p_adv_control": round(p_adv, 4),
+                      "p_adv_victim": row["p_adv_victim"], "p_adv_lift": round(row["p_adv_victim"] - p_adv, 4),
                       "control_predicts_adv": bool(p.argmax() == adv)})
 
 
