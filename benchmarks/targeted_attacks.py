@@ -10,7 +10,10 @@ resumed (and runs in the background: ``nohup python ... &``).
                      steps unless --restarts/--steps say otherwise; each pair's victim is trained from
                      scratch on the poisoned set (a seed the surrogate did not use). --controls adds a
                      clean model of each victim's seed, so that the poisons' effect on the target is
-                     read against the same seed without them (p_adv_lift).
+                     read against the same seed without them (p_adv_lift). Each pair's poisons are
+                     stored in OUT/cache; --victim-set FIELD=VALUE trains victims and controls with a
+                     changed recipe on the same poisons (an ablation without new crafting), and
+                     --first-pair measures only the later pairs.
                      Paper: about 90% for ResNet-18 on CIFAR-10.
   nn_flip            Study 3: over (target, seed) pairs, the target's adversarial-class probability and
                      whether its label flips, for every --k x --feature-spaces x --metrics; victims
@@ -97,13 +100,46 @@ def _recipe_id(args) -> str:
     return f"{args.model}-{args.epochs}e-" + hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:8]
 
 
-def _recipe(args):
+def _recipe(args, victim: bool = False):
+    """The surrogate's recipe; with ``victim`` (gradient_matching's victims and controls) ``--victim-set`` applied."""
     from poisonlab import TrainConfig
 
     if args.preset:
-        return TrainConfig(preset=args.preset, **({} if args.bf16 is None else {"bf16": args.bf16}))
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
-                       crop_padding=args.crop_padding, flip=True, warmup_fraction=0.15, bf16=args.bf16)
+        cfg = TrainConfig(preset=args.preset, **({} if args.bf16 is None else {"bf16": args.bf16}))
+    else:
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          label_smoothing=args.label_smoothing, crop_padding=args.crop_padding, flip=True,
+                          warmup_fraction=0.15, bf16=args.bf16)
+    if victim and args.victim_set:
+        cfg = TrainConfig(**{**cfg.model_dump(), **args.victim_set})
+    return cfg
+
+
+def _victim_suffix(args) -> str:
+    """Part of a victim's key and of its control's file name when ``--victim-set`` changes the victim recipe."""
+    return "" if not args.victim_set else "/victim:" + json.dumps(args.victim_set, sort_keys=True)
+
+
+def _parse_victim_set(ap, items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (VALUE read as JSON, else as a string), checked against TrainConfig."""
+    from pydantic import ValidationError
+
+    from poisonlab import TrainConfig
+
+    out: dict[str, Any] = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or field not in TrainConfig.model_fields or field == "preset":
+            ap.error(f"--victim-set {item!r}: give FIELD=VALUE with FIELD a TrainConfig field other than preset")
+        try:
+            out[field] = json.loads(value)
+        except json.JSONDecodeError:
+            out[field] = value
+    try:
+        TrainConfig(**out)
+    except ValidationError as e:
+        ap.error(f"--victim-set: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+    return out
 
 
 def _new_model(args, train):
@@ -114,31 +150,35 @@ def _new_model(args, train):
     return build_model(args.model, c, train.num_classes, h, *train.channel_stats(), **params).to(args.device)
 
 
-def _train(args, train, seed: int):
-    """A model trained from scratch on ``train`` with the benchmark's recipe; ``(model, seconds)``."""
+def _train(args, train, seed: int, victim: bool = False):
+    """A model trained from scratch on ``train`` with the benchmark's recipe (``victim``: see
+    :func:`_recipe`); ``(model, seconds)``."""
     from poisonlab import fit
 
     torch.manual_seed(seed)
     model = _new_model(args, train)
     t0 = time.perf_counter()
-    fit(model, train, _recipe(args), seed=seed)
+    fit(model, train, _recipe(args, victim), seed=seed)
     return model.eval(), time.perf_counter() - t0
 
 
-def _clean(args, bench: Bench, train, test, seed: int):
-    """The clean model of ``seed`` (trained once, saved under OUT, reloaded on a rerun)."""
+def _clean(args, bench: Bench, train, test, seed: int, victim: bool = False):
+    """The clean model of ``seed`` (trained once, saved under OUT, reloaded on a rerun); ``victim``: with
+    the victims' recipe (``--victim-set``), saved under its own name."""
+    from poisonlab.experiments.cache import digest
     from poisonlab.utils import load_state_dict, save_state_dict
 
     if args.clean_model is not None:
         return _given_clean(args, bench, train, test)
-    path = Path(args.out) / f"clean_{_recipe_id(args)}_s{seed}.pt"
+    suffix = f"_v{digest(args.victim_set)[:8]}" if victim and args.victim_set else ""
+    path = Path(args.out) / f"clean_{_recipe_id(args)}{suffix}_s{seed}.pt"
     if path.exists():
         model = _new_model(args, train)
         model.load_state_dict(load_state_dict(path))
         return model.eval()
-    model, secs = _train(args, train, seed)
+    model, secs = _train(args, train, seed, victim)
     save_state_dict(model, path)
-    _log_clean(bench, model, test, seed=seed, seconds=round(secs, 1))
+    _log_clean(bench, model, test, seed=seed, seconds=round(secs, 1), **({"victim_set": args.victim_set} if suffix else {}))
     return model
 
 
@@ -200,7 +240,6 @@ def _summary(bench: Bench, part: str, rows: list[dict], field: str, by: Callable
 
 # ------------------------------------------------------------------------------------------ the parts
 def gradient_matching(args, bench: Bench) -> None:
-    from poisonlab import get_attack
     from poisonlab.attacks.gradient_matching import crafting_flops_per_poison_step
     from poisonlab.metrics import evaluate
 
@@ -212,19 +251,19 @@ def gradient_matching(args, bench: Bench) -> None:
     bench.add({"event": "crafting_cost", "gflop_per_poison_step": round(per_step / 1e9, 3), "n_poisons": n_poisons,
                "pflop_per_pair": float(f"{pflop:.4g}")})
     rows, controls = [], []
-    for pair in range(args.pairs):
-        key = f"{_recipe_id(args)}/gm/{pair}/b{args.budget}/e{args.eps}/s{args.steps}x{args.restarts}"
+    for pair in range(args.first_pair, args.pairs):
+        craft_key = f"{_recipe_id(args)}/gm/{pair}/b{args.budget}/e{args.eps}/s{args.steps}x{args.restarts}"
+        key = craft_key + _victim_suffix(args)
         victim_seed = args.seed + 1 + pair  # one the surrogate did not use; its control uses it too
         row = bench.done(key)
         if row is None:
-            attack = get_attack("gradient_matching", budget=args.budget, epsilon=args.eps, steps=args.steps,
-                                restarts=args.restarts)
-            poisoned, rec = attack.poison(train, seed=1000 + pair, context=ctx)  # random target and class per pair
-            victim, vsecs = _train(args, poisoned, seed=victim_seed)
+            poisoned, rec, reused = _gm_poisons(args, train, ctx, craft_key, pair)
+            victim, vsecs = _train(args, poisoned, seed=victim_seed, victim=True)
             t, adv = int(rec.target_indices[0]), int(rec.adversarial_labels[0])
             p = _target_probs(victim, test, t)
             row = bench.add({"key": key, "part": "gradient_matching", "target": t, "target_class": int(test.labels[t]),
-                             "adversarial_class": adv, "n_poisons": len(rec.indices),
+                             "adversarial_class": adv, "n_poisons": len(rec.indices), "poisons_reused": reused,
+                             "victim_set": args.victim_set,
                              "poison_seconds": round(rec.seconds, 1), "victim_seconds": round(vsecs, 1),
                              "crafting_pflop": float(f"{pflop:.4g}"),
                              "crafting_tflops": float(f"{pflop * 1e3 / max(rec.seconds, 1e-9):.4g}"),
@@ -240,6 +279,24 @@ def gradient_matching(args, bench: Bench) -> None:
         _summary(bench, "gradient_matching_control", controls, "p_adv_lift")
 
 
+def _gm_poisons(args, train, ctx, craft_key: str, pair: int):
+    """The pair's ``(poisoned set, record, reused)``: crafted once and stored in poisonlab's artifact cache
+    under ``OUT/cache/gm_poisons``, so that victims with another recipe (``--victim-set``) reuse them."""
+    from poisonlab import get_attack
+    from poisonlab.experiments.cache import ArtifactCache, digest, poisoning_from_entry, poisoning_to_entry
+
+    cache, ck = ArtifactCache(Path(args.out) / "cache"), digest(craft_key)
+    if cache.has("gm_poisons", ck):
+        return (*poisoning_from_entry(train, cache.meta("gm_poisons", ck), cache.arrays("gm_poisons", ck)), True)
+    attack = get_attack("gradient_matching", budget=args.budget, epsilon=args.eps, steps=args.steps,
+                        restarts=args.restarts)
+    poisoned, rec = attack.poison(train, seed=1000 + pair, context=ctx)  # random target and class per pair
+    entry = poisoning_to_entry(train.images, train.labels, poisoned, rec)
+    if entry is not None:
+        cache.put("gm_poisons", ck, {**entry[0], "craft_key": craft_key}, entry[1])
+    return poisoned, rec, False
+
+
 def _control(args, bench: Bench, train, test, row: dict, seed: int) -> dict:
     """What the pair's victim would have said without the poisons: the target's adversarial-class
     probability under a clean model trained with the victim's seed (saved under OUT like every clean
@@ -250,7 +307,7 @@ def _control(args, bench: Bench, train, test, row: dict, seed: int) -> dict:
     if done is not None:
         return done
     t, adv = row["target"], row["adversarial_class"]
-    p = _target_probs(_clean(args, bench, train, test, seed), test, t)
+    p = _target_probs(_clean(args, bench, train, test, seed, victim=True), test, t)
     p_adv = float(p[adv])
     return bench.add({"key": key, "part": "gradient_matching_control", "seed": seed, "target": t,
                       "adversarial_class": adv, "p_adv_control": round(p_adv, 4),
@@ -449,6 +506,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="also train a clean model with each pair's victim seed and record the target's "
                         "adversarial-class probability under it (p_adv_control, p_adv_lift): about one more "
                         "victim's time per pair, the model is saved under OUT and reused")
+    g.add_argument("--first-pair", type=int, default=0, help="measure pairs FIRST_PAIR .. PAIRS-1")
+    g.add_argument("--victim-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change the victims' and controls' recipe (not the surrogate's), e.g. "
+                        "label_smoothing=0; repeatable. The pair's poisons are crafted once and reused "
+                        "(OUT/cache), so a victim-recipe ablation costs no new crafting")
     g = ap.add_argument_group("nn_flip and label_consistent")
     g.add_argument("--seeds", type=int, default=1)
     g.add_argument("--targets", type=int, default=5, help="nn_flip: targets per seed; feature_collision: targets")
@@ -473,6 +535,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--clean-model gives one clean model: use it with --seeds 1")
     if args.clean_model is not None and args.controls:
         ap.error("--controls trains a clean model per victim seed: it cannot be used with --clean-model")
+    args.victim_set = _parse_victim_set(ap, args.victim_set)
+    if args.victim_set and args.part != "gradient_matching":
+        ap.error("--victim-set is for gradient_matching's victims")
+    if not 0 <= args.first_pair < args.pairs:
+        ap.error(f"--first-pair must be in [0, --pairs - 1] = [0, {args.pairs - 1}], got {args.first_pair}")
     torch.set_num_threads(args.threads)
     if args.bf16 is None:
         from poisonlab.training import use_bf16

@@ -83,3 +83,51 @@ def test_gradient_matching_controls_pair_each_victim_with_a_clean_model_of_its_s
 def test_controls_cannot_be_asked_of_a_given_clean_model(tmp_path):
     with pytest.raises(SystemExit):
         TA.main(["gradient_matching", "--out", str(tmp_path), "--clean-model", str(tmp_path / "m.pt"), "--controls"])
+
+
+def test_a_victim_recipe_ablation_reuses_the_crafted_poisons(digits, tmp_path, monkeypatch):
+    """--victim-set: the pair's poisons are crafted once (stored under OUT/cache) and a victim with another
+    recipe trains on the very same poisoned set; its control is a clean model of the changed recipe."""
+    monkeypatch.setattr(TA, "_data", lambda args: digits)
+    crafted, trained = [], []
+    real_poison = TA._gm_poisons
+
+    def counting_poisons(*a, **k):
+        out = real_poison(*a, **k)
+        crafted.append(out[2])
+        return out
+
+    real_train = TA._train
+
+    def recording_train(args, train, seed, victim=False):
+        trained.append((TA._recipe(args, victim).label_smoothing, train.images.copy()))
+        return real_train(args, train, seed, victim)
+
+    monkeypatch.setattr(TA, "_gm_poisons", counting_poisons)
+    monkeypatch.setattr(TA, "_train", recording_train)
+    out = tmp_path / "gm"
+    argv = ["gradient_matching", "--out", str(out), "--model-params", '{"widths": [16, 32, 64]}', "--epochs", "1",
+            "--batch-size", "64", "--pairs", "2", "--first-pair", "1", "--steps", "1", "--restarts", "1",
+            "--budget", "0.02", "--controls", "--threads", str(torch.get_num_threads()), "--no-bf16"]
+    TA.main(argv)
+    TA.main(argv + ["--victim-set", "label_smoothing=0"])
+    assert crafted == [False, True]  # crafted for the first victim, reused for the second
+    rows = [r for r in TA.Bench(out, "gradient_matching", []).rows if r.get("part") == "gradient_matching"
+            and "key" in r]
+    assert len(rows) == 2 and rows[1]["key"] == rows[0]["key"] + '/victim:{"label_smoothing": 0}'
+    assert rows[0]["key"].split("/")[2] == "1"  # --first-pair 1: pair 0 was not measured
+    assert rows[1]["victim_set"] == {"label_smoothing": 0} and rows[1]["poisons_reused"]
+    assert rows[1]["target"] == rows[0]["target"] and rows[1]["alignment_last"] == rows[0]["alignment_last"]
+    # trained: clean surrogate (0.2), victim (0.2), control seed 2 (0.2), victim (0), control seed 2 (0)
+    assert [ls for ls, _ in trained] == [0.2, 0.2, 0.2, 0.0, 0.0]
+    assert np.array_equal(trained[1][1], trained[3][1])  # the same poisoned images
+    assert not np.array_equal(trained[1][1], trained[0][1])
+    assert len(list(out.glob("clean_*_v*_s2.pt"))) == 1
+
+
+def test_victim_set_names_a_train_config_field_and_a_valid_value(tmp_path):
+    for bad in ("label_smoothing", "no_such_field=1", "label_smoothing=2", "preset=airbench94"):
+        with pytest.raises(SystemExit):
+            TA.main(["gradient_matching", "--out", str(tmp_path), "--victim-set", bad])
+    with pytest.raises(SystemExit):
+        TA.main(["nn_flip", "--out", str(tmp_path), "--victim-set", "label_smoothing=0"])
