@@ -253,6 +253,8 @@ def gradient_matching(args, bench: Bench) -> None:
     rows, controls = [], []
     for pair in range(args.first_pair, args.pairs):
         craft_key = f"{_recipe_id(args)}/gm/{pair}/b{args.budget}/e{args.eps}/s{args.steps}x{args.restarts}"
+        if args.craft_label_smoothing:  # earlier keys (plain cross-entropy) stay as they were
+            craft_key += f"/ls{args.craft_label_smoothing}"
         key = craft_key + _victim_suffix(args)
         victim_seed = args.seed + 1 + pair  # one the surrogate did not use; its control uses it too
         row = bench.done(key)
@@ -289,7 +291,7 @@ def _gm_poisons(args, train, ctx, craft_key: str, pair: int):
     if cache.has("gm_poisons", ck):
         return (*poisoning_from_entry(train, cache.meta("gm_poisons", ck), cache.arrays("gm_poisons", ck)), True)
     attack = get_attack("gradient_matching", budget=args.budget, epsilon=args.eps, steps=args.steps,
-                        restarts=args.restarts)
+                        restarts=args.restarts, label_smoothing=args.craft_label_smoothing)
     poisoned, rec = attack.poison(train, seed=1000 + pair, context=ctx)  # random target and class per pair
     entry = poisoning_to_entry(train.images, train.labels, poisoned, rec)
     if entry is not None:
@@ -507,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
                         "adversarial-class probability under it (p_adv_control, p_adv_lift): about one more "
                         "victim's time per pair, the model is saved under OUT and reused")
     g.add_argument("--first-pair", type=int, default=0, help="measure pairs FIRST_PAIR .. PAIRS-1")
+    g.add_argument("--craft-label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the poisons' loss while crafting (paper: 0); e.g. 0.2 to match "
+                        "airbench94's victims")
     g.add_argument("--victim-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change the victims' and controls' recipe (not the surrogate's), e.g. "
                         "label_smoothing=0; repeatable. The pair's poisons are crafted once and reused "

@@ -362,6 +362,42 @@ def test_gradient_matching_defaults_are_the_papers_and_the_best_restart_is_kept(
     assert diff.max() <= 16 and (tr.labels[r.indices] == 4).all()
 
 
+
+def test_gradient_matching_can_match_a_label_smoothed_victims_gradient(digits):
+    """label_smoothing (not in the paper, default 0) crafts against the gradient of the label-smoothed loss
+    the victim trains on: (1 - a) CE + a * mean over classes of -log p; out of [0, 1) it is refused."""
+    from poisonlab.attacks import AttackContext, get_attack
+    from poisonlab.attacks.gradient_matching import _param_grad
+    from poisonlab.errors import ParameterError
+    from poisonlab.training import TrainConfig, fit
+
+    assert get_attack("gradient_matching").params()["label_smoothing"] == 0.0
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ParameterError, match="label_smoothing"):
+            get_attack("gradient_matching", label_smoothing=bad)
+    tr, te = digits
+    torch.manual_seed(0)
+    model = build_model("fastnet", 1, 10, 8, widths=(16, 32, 64))
+    fit(model, tr, TrainConfig(epochs=2, batch_size=64, lr=0.1), seed=0)
+    model.eval()
+    params = [q for q in model.parameters() if q.requires_grad]
+    x = torch.rand(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    got = _param_grad(model, x, y, params, False, create_graph=False, label_smoothing=0.2)
+    logp = torch.log_softmax(model(x), 1)
+    manual = (0.8 * nn.functional.nll_loss(logp, y) - 0.2 * logp.mean(1).mean())
+    want = torch.autograd.grad(manual, params)
+    plain = _param_grad(model, x, y, params, False, create_graph=False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(g, q) for g, q in zip(got, plain))
+    ctx = AttackContext(test=te, clean_model=model)
+    kw = dict(budget=0.02, target_class=8, adversarial_class=4, steps=3, restarts=1, batch_size=16, bf16=False)
+    _, ra = get_attack("gradient_matching", **kw).poison(tr, seed=0, context=ctx)
+    _, rb = get_attack("gradient_matching", label_smoothing=0.2, **kw).poison(tr, seed=0, context=ctx)
+    # the crafting objective differs (the signed steps may still round to the same pixels in 3 steps)
+    assert ra.extra["alignment_per_step"] != rb.extra["alignment_per_step"]
+
 def test_nn_flip_feature_spaces_and_metrics(digits):
     from poisonlab.attacks import AttackContext, get_attack
     from poisonlab.attacks.targeted_flip import neighbour_distances

@@ -131,3 +131,23 @@ def test_victim_set_names_a_train_config_field_and_a_valid_value(tmp_path):
             TA.main(["gradient_matching", "--out", str(tmp_path), "--victim-set", bad])
     with pytest.raises(SystemExit):
         TA.main(["nn_flip", "--out", str(tmp_path), "--victim-set", "label_smoothing=0"])
+
+
+def test_label_consistent_part_measures_each_surrogate_and_amplitude_once(digits, tmp_path, monkeypatch):
+    """The label_consistent part: one row per surrogate x amplitude, with the surrogate's own seconds and
+    the victim's ASR; a rerun with the same OUT measures nothing again."""
+    monkeypatch.setattr(TA, "_data", lambda args: digits)
+    out = tmp_path / "lc"
+    argv = ["label_consistent", "--out", str(out), "--model-params", '{"widths": [16, 32, 64]}', "--epochs", "1",
+            "--batch-size", "64", "--surrogates", "adversarial_finetune", "clean", "--surrogate-epochs", "1",
+            "--amplitudes", "1.0", "0.25", "--threads", str(torch.get_num_threads()), "--no-bf16"]
+    TA.main(argv)
+    rows = [r for r in TA.Bench(out, "label_consistent", []).rows if "key" in r]
+    assert sorted((r["surrogate"], r["amplitude"]) for r in rows) == [
+        ("adversarial_finetune", 0.25), ("adversarial_finetune", 1.0), ("clean", 0.25), ("clean", 1.0)]
+    n_class0 = int((digits[0].labels == 0).sum())
+    for r in rows:
+        assert r["n_poisons"] == round(0.5 * n_class0) and 0 <= r["asr"] <= 1 and 0 <= r["clean_acc"] <= 1
+        assert (r["surrogate_seconds"] > 0) == (r["surrogate"] != "clean")
+    TA.main(argv)
+    assert len([r for r in TA.Bench(out, "label_consistent", []).rows if "key" in r]) == 4

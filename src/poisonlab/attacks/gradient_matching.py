@@ -89,6 +89,10 @@ class GradientMatching(Attack):
         flip: augmentation horizontal flips.
         batch_size: poisons per optimisation batch (paper: 512).
         bf16: craft under bfloat16 autocast; None decides by the device.
+        label_smoothing: label smoothing of the poisons' training loss, [0, 1) (paper: 0, plain
+            cross-entropy, as its victims train). Set it to the victim's when the victim trains on a
+            label-smoothed loss (``airbench94``: 0.2), so that the poisons match the gradient the victim
+            will take; the target's adversarial gradient stays plain cross-entropy. Not in the paper.
 
     The record has ``target_indices`` and ``adversarial_labels`` (the metrics then report
     ``target_success``); ``extra`` holds the chosen restart's alignment (cosine similarity) per step,
@@ -101,7 +105,8 @@ class GradientMatching(Attack):
     def __init__(self, budget: float = 0.01, epsilon: float = 16 / 255, target_index: int | list[int] | None = None,
                  target_class: int | None = None, adversarial_class: int | None = None, n_targets: int = 1,
                  steps: int = 240, restarts: int = 8, tau: float = 0.1, shift: int | None = None,
-                 flip: bool = True, batch_size: int = 512, bf16: bool | None = None):
+                 flip: bool = True, batch_size: int = 512, bf16: bool | None = None,
+                 label_smoothing: float = 0.0):
         self.budget = float(check_range(budget, "budget", 0, 1, lo_open=True))
         self.epsilon = float(check_range(epsilon, "epsilon", 0, 1, lo_open=True))
         self.target_index = target_index
@@ -114,6 +119,7 @@ class GradientMatching(Attack):
         self.flip = bool(flip)
         self.batch_size = int(check_range(batch_size, "batch_size", 1, 65_536))
         self.bf16 = None if bf16 is None else bool(bf16)
+        self.label_smoothing = float(check_range(label_smoothing, "label_smoothing", 0, 1, hi_open=True))
 
     def check(self, train: ImageSet) -> None:
         who = self.registry_name
@@ -187,7 +193,7 @@ class GradientMatching(Attack):
                 for i in range(0, len(x0), self.batch_size):
                     sl = slice(i, i + self.batch_size)
                     loss, grad[sl] = _step(model, x0[sl], d[sl], std, y0[sl], params, tgrad, tnorm, bf16,
-                                           shift, self.flip, gen)
+                                           shift, self.flip, gen, self.label_smoothing)
                     total += float(loss) * len(grad[sl])
                 d.grad = grad.sign_()  # signed Adam: Adam on the sign of the gradient
                 opt.step()
@@ -202,7 +208,8 @@ class GradientMatching(Attack):
         total = 0.0
         for i in range(0, len(x0), self.batch_size):  # the chosen poisons' alignment without augmentation
             sl = slice(i, i + self.batch_size)
-            pgrad = _param_grad(model, x0[sl] + best[sl] * std, y0[sl], params, bf16, create_graph=False)
+            pgrad = _param_grad(model, x0[sl] + best[sl] * std, y0[sl], params, bf16, create_graph=False,
+                                label_smoothing=self.label_smoothing)
             total += float(alignment_loss(pgrad, tgrad, tnorm)) * len(x0[sl])
         info = {"final_alignment": round(1 - total / len(x0), 4), "alignment_first": round(curve[0], 4), "alignment_last": round(curve[-1], 4),
                 "restart_alignments": [round(r[0][-1], 4) for r in runs], "restart_chosen": chosen,
@@ -212,13 +219,15 @@ class GradientMatching(Attack):
 
 def _step(model: nn.Module, x0: torch.Tensor, d: torch.Tensor, std: torch.Tensor, y: torch.Tensor,
           params: list[torch.Tensor], tgrad: Sequence[torch.Tensor], tnorm: torch.Tensor, bf16: bool,
-          shift: int, flip: bool, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+          shift: int, flip: bool, gen: torch.Generator,
+          label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One crafting step on a poison batch: the alignment loss of ``x0 + d * std`` (augmented) and its
     gradient w.r.t. ``d`` -- a forward pass, the parameter gradient with its graph, and a second
     backward pass through that gradient to the input."""
     d = d.detach().requires_grad_(True)
     x = augment_batch(x0 + d * std, shift, flip, gen=gen)
-    loss = alignment_loss(_param_grad(model, x, y, params, bf16, create_graph=True), tgrad, tnorm)
+    loss = alignment_loss(_param_grad(model, x, y, params, bf16, create_graph=True,
+                                      label_smoothing=label_smoothing), tgrad, tnorm)
     (g,) = torch.autograd.grad(loss, d)
     return loss.detach(), g
 
@@ -248,11 +257,12 @@ def crafting_flops_per_poison_step(model: nn.Module, image_shape: tuple[int, int
 
 
 def _param_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], bf16: bool,
-                create_graph: bool) -> tuple[torch.Tensor, ...]:
-    """Gradient of the mean cross-entropy of ``model`` on ``(x, y)`` w.r.t. ``params``."""
+                create_graph: bool, label_smoothing: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """Gradient of the mean (label-smoothed) cross-entropy of ``model`` on ``(x, y)`` w.r.t. ``params``."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(x.contiguous(memory_format=torch.channels_last))
-    return torch.autograd.grad(F.cross_entropy(logits.float(), y), params, create_graph=create_graph)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    return torch.autograd.grad(loss, params, create_graph=create_graph)
 
 
 def _project(d: torch.Tensor, x0: torch.Tensor, std: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
