@@ -178,7 +178,8 @@ def _clean(args, bench: Bench, train, test, seed: int, victim: bool = False):
         return model.eval()
     model, secs = _train(args, train, seed, victim)
     save_state_dict(model, path)
-    _log_clean(bench, model, test, seed=seed, seconds=round(secs, 1), **({"victim_set": args.victim_set} if suffix else {}))
+    _log_clean(bench, model, test, seed=seed, seconds=round(secs, 1),
+               **({"victim_set": args.victim_set} if suffix else {}))
     return model
 
 
@@ -543,6 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     args.victim_set = _parse_victim_set(ap, args.victim_set)
     if args.victim_set and args.part != "gradient_matching":
         ap.error("--victim-set is for gradient_matching's victims")
+    if not 0 <= args.craft_label_smoothing < 1:
+        ap.error(f"--craft-label-smoothing must be in [0, 1), got {args.craft_label_smoothing}")
     if not 0 <= args.first_pair < args.pairs:
         ap.error(f"--first-pair must be in [0, --pairs - 1] = [0, {args.pairs - 1}], got {args.first_pair}")
     torch.set_num_threads(args.threads)

@@ -131,6 +131,9 @@ def test_victim_set_names_a_train_config_field_and_a_valid_value(tmp_path):
             TA.main(["gradient_matching", "--out", str(tmp_path), "--victim-set", bad])
     with pytest.raises(SystemExit):
         TA.main(["nn_flip", "--out", str(tmp_path), "--victim-set", "label_smoothing=0"])
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            TA.main(["gradient_matching", "--out", str(tmp_path), "--craft-label-smoothing", bad])
 
 
 def test_label_consistent_part_measures_each_surrogate_and_amplitude_once(digits, tmp_path, monkeypatch):
