@@ -116,7 +116,8 @@ def _recipe(args, victim: bool = False):
 
 
 def _victim_suffix(args) -> str:
-    """Part of a victim's key and of its control's file name when ``--victim-set`` changes the victim recipe."""
+    """Part of a victim's key (and so of its control's) when ``--victim-set`` changes the victim recipe; the
+    control's model file is named by a digest of the same settings (:func:`_clean`)."""
     return "" if not args.victim_set else "/victim:" + json.dumps(args.victim_set, sort_keys=True)
 
 
