@@ -283,18 +283,28 @@ def gradient_matching(args, bench: Bench) -> None:
         _summary(bench, "gradient_matching_control", controls, "p_adv_lift")
 
 
+# The crafting options and the attack parameters they set; the attack itself checks their ranges.
+GM_OPTIONS = {"budget": "--budget", "epsilon": "--eps", "steps": "--steps", "restarts": "--restarts",
+              "label_smoothing": "--craft-label-smoothing"}
+
+
+def _gm_attack(args):
+    """The gradient-matching attack the crafting options describe (raises ParameterError on a bad one)."""
+    from poisonlab import get_attack
+
+    return get_attack("gradient_matching", budget=args.budget, epsilon=args.eps, steps=args.steps,
+                      restarts=args.restarts, label_smoothing=args.craft_label_smoothing)
+
+
 def _gm_poisons(args, train, ctx, craft_key: str, pair: int):
     """The pair's ``(poisoned set, record, reused)``: crafted once and stored in poisonlab's artifact cache
     under ``OUT/cache/gm_poisons``, so that victims with another recipe (``--victim-set``) reuse them."""
-    from poisonlab import get_attack
     from poisonlab.experiments.cache import ArtifactCache, digest, poisoning_from_entry, poisoning_to_entry
 
     cache, ck = ArtifactCache(Path(args.out) / "cache"), digest(craft_key)
     if cache.has("gm_poisons", ck):
         return (*poisoning_from_entry(train, cache.meta("gm_poisons", ck), cache.arrays("gm_poisons", ck)), True)
-    attack = get_attack("gradient_matching", budget=args.budget, epsilon=args.eps, steps=args.steps,
-                        restarts=args.restarts, label_smoothing=args.craft_label_smoothing)
-    poisoned, rec = attack.poison(train, seed=1000 + pair, context=ctx)  # random target and class per pair
+    poisoned, rec = _gm_attack(args).poison(train, seed=1000 + pair, context=ctx)  # random target and class per pair
     entry = poisoning_to_entry(train.images, train.labels, poisoned, rec)
     if entry is not None:
         cache.put("gm_poisons", ck, {**entry[0], "craft_key": craft_key}, entry[1])
@@ -545,8 +555,14 @@ def main(argv: list[str] | None = None) -> None:
     args.victim_set = _parse_victim_set(ap, args.victim_set)
     if args.victim_set and args.part != "gradient_matching":
         ap.error("--victim-set is for gradient_matching's victims")
-    if not 0 <= args.craft_label_smoothing < 1:
-        ap.error(f"--craft-label-smoothing must be in [0, 1), got {args.craft_label_smoothing}")
+    if args.part == "gradient_matching":  # before any model is trained, by the attack's own checks
+        from poisonlab.errors import ParameterError
+
+        try:
+            _gm_attack(args)
+        except ParameterError as e:
+            name = str(e).split()[0]
+            ap.error(f"{GM_OPTIONS.get(name, name)}: {e}")
     if not 0 <= args.first_pair < args.pairs:
         ap.error(f"--first-pair must be in [0, --pairs - 1] = [0, {args.pairs - 1}], got {args.first_pair}")
     torch.set_num_threads(args.threads)

@@ -362,7 +362,6 @@ def test_gradient_matching_defaults_are_the_papers_and_the_best_restart_is_kept(
     assert diff.max() <= 16 and (tr.labels[r.indices] == 4).all()
 
 
-
 def test_gradient_matching_can_match_a_label_smoothed_victims_gradient(digits):
     """label_smoothing (not in the paper, default 0) crafts against the gradient of the label-smoothed loss
     the victim trains on: (1 - a) CE + a * mean over classes of -log p; out of [0, 1) it is refused."""
@@ -397,6 +396,7 @@ def test_gradient_matching_can_match_a_label_smoothed_victims_gradient(digits):
     _, rb = get_attack("gradient_matching", label_smoothing=0.2, **kw).poison(tr, seed=0, context=ctx)
     # the crafting objective differs (the signed steps may still round to the same pixels in 3 steps)
     assert ra.extra["alignment_per_step"] != rb.extra["alignment_per_step"]
+
 
 def test_nn_flip_feature_spaces_and_metrics(digits):
     from poisonlab.attacks import AttackContext, get_attack

@@ -125,15 +125,18 @@ def test_a_victim_recipe_ablation_reuses_the_crafted_poisons(digits, tmp_path, m
     assert len(list(out.glob("clean_*_v*_s2.pt"))) == 1
 
 
-def test_victim_set_names_a_train_config_field_and_a_valid_value(tmp_path):
+def test_victim_set_names_a_train_config_field_and_a_valid_value(tmp_path, capsys):
     for bad in ("label_smoothing", "no_such_field=1", "label_smoothing=2", "preset=airbench94"):
         with pytest.raises(SystemExit):
             TA.main(["gradient_matching", "--out", str(tmp_path), "--victim-set", bad])
     with pytest.raises(SystemExit):
         TA.main(["nn_flip", "--out", str(tmp_path), "--victim-set", "label_smoothing=0"])
-    for bad in ("1", "-0.1"):
+    capsys.readouterr()
+    for option, bad in (("--craft-label-smoothing", "1"), ("--craft-label-smoothing", "-0.1"), ("--budget", "2")):
         with pytest.raises(SystemExit):
-            TA.main(["gradient_matching", "--out", str(tmp_path), "--craft-label-smoothing", bad])
+            TA.main(["gradient_matching", "--out", str(tmp_path), option, bad])
+        assert option in capsys.readouterr().err
+    assert not (tmp_path / "gradient_matching.json").exists()  # refused before anything ran
 
 
 def test_label_consistent_part_measures_each_surrogate_and_amplitude_once(digits, tmp_path, monkeypatch):
