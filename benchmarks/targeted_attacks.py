@@ -13,7 +13,9 @@ resumed (and runs in the background: ``nohup python ... &``).
                      read against the same seed without them (p_adv_lift). Each pair's poisons are
                      stored in OUT/cache; --victim-set FIELD=VALUE trains victims and controls with a
                      changed recipe on the same poisons (an ablation without new crafting), and
-                     --first-pair measures only the later pairs.
+                     --first-pair measures only the later pairs. Two diagnostics: --victim-seed surrogate
+                     trains the victim with the surrogate's own seed (known initialisation: only the
+                     poisons differ), --craft-shift sets the crafting augmentation's translation.
                      Paper: about 90% for ResNet-18 on CIFAR-10.
   nn_flip            Study 3: over (target, seed) pairs, the target's adversarial-class probability and
                      whether its label flips, for every --k x --feature-spaces x --metrics; victims
@@ -257,8 +259,17 @@ def gradient_matching(args, bench: Bench) -> None:
         craft_key = f"{_recipe_id(args)}/gm/{pair}/b{args.budget}/e{args.eps}/s{args.steps}x{args.restarts}"
         if args.craft_label_smoothing:  # earlier keys (plain cross-entropy) stay as they were
             craft_key += f"/ls{args.craft_label_smoothing}"
+        if args.craft_shift is not None:  # earlier keys (the attack's default shift) stay as they were
+            craft_key += f"/shift{args.craft_shift}"
         key = craft_key + _victim_suffix(args)
-        victim_seed = args.seed + 1 + pair  # one the surrogate did not use; its control uses it too
+        if args.victim_seed == "surrogate":
+            # The known-initialisation diagnostic: the victim starts from the surrogate's weights at
+            # initialisation and sees its batch order, so only the poisons differ; its control is the
+            # surrogate itself (the same file). Not the paper's black-box setting.
+            key += "/seed:surrogate"
+            victim_seed = args.seed
+        else:
+            victim_seed = args.seed + 1 + pair  # one the surrogate did not use; its control uses it too
         row = bench.done(key)
         if row is None:
             poisoned, rec, reused = _gm_poisons(args, train, ctx, craft_key, pair)
@@ -267,7 +278,7 @@ def gradient_matching(args, bench: Bench) -> None:
             p = _target_probs(victim, test, t)
             row = bench.add({"key": key, "part": "gradient_matching", "target": t, "target_class": int(test.labels[t]),
                              "adversarial_class": adv, "n_poisons": len(rec.indices), "poisons_reused": reused,
-                             "victim_set": args.victim_set,
+                             "victim_set": args.victim_set, "victim_seed": victim_seed,
                              "poison_seconds": round(rec.seconds, 1), "victim_seconds": round(vsecs, 1),
                              "crafting_pflop": float(f"{pflop:.4g}"),
                              "crafting_tflops": float(f"{pflop * 1e3 / max(rec.seconds, 1e-9):.4g}"),
@@ -285,7 +296,7 @@ def gradient_matching(args, bench: Bench) -> None:
 
 # The crafting options and the attack parameters they set; the attack itself checks their ranges.
 GM_OPTIONS = {"budget": "--budget", "epsilon": "--eps", "steps": "--steps", "restarts": "--restarts",
-              "label_smoothing": "--craft-label-smoothing"}
+              "label_smoothing": "--craft-label-smoothing", "shift": "--craft-shift"}
 
 
 def _gm_attack(args):
@@ -293,7 +304,7 @@ def _gm_attack(args):
     from poisonlab import get_attack
 
     return get_attack("gradient_matching", budget=args.budget, epsilon=args.eps, steps=args.steps,
-                      restarts=args.restarts, label_smoothing=args.craft_label_smoothing)
+                      restarts=args.restarts, label_smoothing=args.craft_label_smoothing, shift=args.craft_shift)
 
 
 def _gm_poisons(args, train, ctx, craft_key: str, pair: int):
@@ -524,6 +535,13 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--craft-label-smoothing", type=float, default=0.0,
                    help="label smoothing of the poisons' loss while crafting (paper: 0); e.g. 0.2 to match "
                         "airbench94's victims")
+    g.add_argument("--craft-shift", type=int, default=None,
+                   help="translation of the crafting's differentiable augmentation, pixels (default: the "
+                        "attack's, 4 on CIFAR-10); e.g. 2 to match airbench94's crop padding")
+    g.add_argument("--victim-seed", choices=["fresh", "surrogate"], default="fresh",
+                   help="fresh: each victim trains with a seed the surrogate did not use (the paper's setting); "
+                        "surrogate: with the surrogate's own --seed, so only the poisons differ from the "
+                        "surrogate's training (a diagnostic: does the crafted alignment act at all?)")
     g.add_argument("--victim-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change the victims' and controls' recipe (not the surrogate's), e.g. "
                         "label_smoothing=0; repeatable. The pair's poisons are crafted once and reused "

@@ -157,3 +157,35 @@ def test_label_consistent_part_measures_each_surrogate_and_amplitude_once(digits
         assert (r["surrogate_seconds"] > 0) == (r["surrogate"] != "clean")
     TA.main(argv)
     assert len([r for r in TA.Bench(out, "label_consistent", []).rows if "key" in r]) == 4
+
+
+def test_the_known_init_diagnostic_trains_the_victim_with_the_surrogates_seed(digits, tmp_path, monkeypatch):
+    """--victim-seed surrogate: the victim trains with the surrogate's own seed, its control is the surrogate
+    itself (no further clean model is trained) and its key says so; --craft-shift reaches the attack."""
+    monkeypatch.setattr(TA, "_data", lambda args: digits)
+    seeds = []
+    real_train = TA._train
+
+    def recording_train(args, train, seed, victim=False):
+        seeds.append((seed, victim))
+        return real_train(args, train, seed, victim)
+
+    monkeypatch.setattr(TA, "_train", recording_train)
+    out = tmp_path / "gm"
+    TA.main(["gradient_matching", "--out", str(out), "--model-params", '{"widths": [16, 32, 64]}', "--epochs", "1",
+             "--batch-size", "64", "--pairs", "1", "--steps", "1", "--restarts", "1", "--budget", "0.02",
+             "--controls", "--victim-seed", "surrogate", "--craft-shift", "1", "--seed", "3",
+             "--threads", str(torch.get_num_threads()), "--no-bf16"])
+    assert seeds == [(3, False), (3, True)]  # the surrogate, then its victim: no control trained
+    rows = TA.Bench(out, "gradient_matching", []).rows
+    pair = next(r for r in rows if r.get("part") == "gradient_matching" and "key" in r)
+    ctl = next(r for r in rows if r.get("part") == "gradient_matching_control" and "key" in r)
+    assert pair["key"].endswith("/shift1/seed:surrogate") and pair["victim_seed"] == 3 and pair["shift"] == 1
+    assert ctl["seed"] == 3 and ctl["p_adv_control"] == pytest.approx(pair["p_adv_clean"], abs=1e-4)
+    assert list(out.glob("clean_*.pt")) == list(out.glob("clean_*_s3.pt"))
+
+
+def test_a_bad_craft_shift_is_refused_before_any_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        TA.main(["gradient_matching", "--out", str(tmp_path / "gm"), "--craft-shift", "40"])
+    assert "--craft-shift" in capsys.readouterr().err and not (tmp_path / "gm").exists()
