@@ -2,6 +2,7 @@
 
     python benchmarks/backdoorbench.py --out runs/backdoorbench [--data-dir ../shared/data] [--dry-run]
     python benchmarks/backdoorbench.py --out runs/backdoorbench --table-only     # rewrite the table
+    python benchmarks/backdoorbench.py --out runs/backdoorbench --extra-only --extra-seeds 1   # step 2 only
 
 1. runs ``--config`` (default examples/backdoorbench/cifar10.toml: seed 0, every defence) into OUT/table;
 2. runs the same attacks on ``--extra-seeds`` (default 1 2) WITHOUT defences into OUT/seeds, with the same
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default=os.environ.get("POISONLAB_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--extra-seeds", type=int, nargs="*", default=[1, 2],
                     help="seeds of the no-defence rows beside the config's own")
+    ap.add_argument("--extra-only", action="store_true",
+                    help="run only step 2 (the no-defence rows of --extra-seeds); the table still reads OUT/table "
+                         "if a run of step 1 left results there")
     ap.add_argument("--dry-run", action="store_true", help="print both plans and stop")
     ap.add_argument("--table-only", action="store_true", help="only (re)write OUT/table.md from the results")
     ap.add_argument("--quiet", action="store_true")
@@ -155,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             cfg = load_config(args.config)
             extra = [s for s in args.extra_seeds if s not in cfg.seeds]
-            passes = [(cfg, out / "table")]
+            if args.extra_only and not extra:
+                ap.error(f"--extra-only: --extra-seeds gives no seed beyond the config's {cfg.seeds}")
+            passes = [] if args.extra_only else [(cfg, out / "table")]
             if extra:  # the no-defence rows on more seeds: same attacks, same cache, no defences
                 passes.append((cfg.model_copy(update={"name": cfg.name + "-seeds", "seeds": extra, "defenses": []}),
                                out / "seeds"))

@@ -282,3 +282,20 @@ def test_table_writer_puts_ours_beside_the_published():
     assert any(ln.startswith("| SIG | 10% | 84.49 | 88.00 | 97.87 | 90.00") for ln in lines)  # rate 1.0 of a class
     assert "| ANP | 91.65 | 90.00 | 3.83 | 2.00 | 85.00 | 94.89 | 96.00 | 120 |" in lines
     assert any(ln.startswith("| FT | 90.29 | not measured yet") for ln in lines)  # a failed run is not a figure
+
+
+def test_extra_only_runs_the_no_defence_rows_of_the_extra_seeds_alone(tmp_path, monkeypatch):
+    """--extra-only: step 1 (the seed-0 grid with every defence) is not run; the seeds pass is, without
+    defences and into OUT/seeds; asking for it with no extra seed is refused."""
+    import poisonlab.experiments as experiments
+    from helpers import load_benchmark
+
+    bench = load_benchmark("backdoorbench")
+    calls = []
+    monkeypatch.setattr(experiments, "run_experiment", lambda cfg, out, *a, **k: calls.append((cfg, out)))
+    bench.main(["--out", str(tmp_path), "--extra-only", "--extra-seeds", "1", "--dry-run", "--quiet"])
+    assert len(calls) == 1
+    cfg, out = calls[0]
+    assert cfg.seeds == [1] and cfg.defenses == [] and out == tmp_path / "seeds"
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path), "--extra-only", "--extra-seeds", "0", "--dry-run"])
