@@ -15,7 +15,8 @@ resumed (and runs in the background: ``nohup python ... &``).
                      changed recipe on the same poisons (an ablation without new crafting), and
                      --first-pair measures only the later pairs. Two diagnostics: --victim-seed surrogate
                      trains the victim with the surrogate's own seed (known initialisation: only the
-                     poisons differ), --craft-shift sets the crafting augmentation's translation.
+                     poisons differ), --victim-init surrogate trains it on from the surrogate's weights
+                     (fine-tuning), --craft-shift sets the crafting augmentation's translation.
                      Paper: about 90% for ResNet-18 on CIFAR-10.
   nn_flip            Study 3: over (target, seed) pairs, the target's adversarial-class probability and
                      whether its label flips, for every --k x --feature-spaces x --metrics; victims
@@ -153,36 +154,41 @@ def _new_model(args, train):
     return build_model(args.model, c, train.num_classes, h, *train.channel_stats(), **params).to(args.device)
 
 
-def _train(args, train, seed: int, victim: bool = False):
-    """A model trained from scratch on ``train`` with the benchmark's recipe (``victim``: see
-    :func:`_recipe`); ``(model, seconds)``."""
+def _train(args, train, seed: int, victim: bool = False, init: dict | None = None):
+    """A model trained on ``train`` with the benchmark's recipe (``victim``: see :func:`_recipe`), from
+    scratch or, given ``init`` (a state dict), from those weights (their whitened stem is kept);
+    ``(model, seconds)``."""
     from poisonlab import fit
 
     torch.manual_seed(seed)
     model = _new_model(args, train)
+    if init is not None:
+        model.load_state_dict(init)
     t0 = time.perf_counter()
     fit(model, train, _recipe(args, victim), seed=seed)
     return model.eval(), time.perf_counter() - t0
 
 
-def _clean(args, bench: Bench, train, test, seed: int, victim: bool = False):
+def _clean(args, bench: Bench, train, test, seed: int, victim: bool = False, init: dict | None = None):
     """The clean model of ``seed`` (trained once, saved under OUT, reloaded on a rerun); ``victim``: with
-    the victims' recipe (``--victim-set``), saved under its own name."""
+    the victims' recipe (``--victim-set``), saved under its own name; ``init``: trained on from the
+    surrogate's weights (``--victim-init surrogate``), saved under a name ending ``_ft``."""
     from poisonlab.experiments.cache import digest
     from poisonlab.utils import load_state_dict, save_state_dict
 
     if args.clean_model is not None:
         return _given_clean(args, bench, train, test)
     suffix = f"_v{digest(args.victim_set)[:8]}" if victim and args.victim_set else ""
+    suffix += "_ft" if init is not None else ""
     path = Path(args.out) / f"clean_{_recipe_id(args)}{suffix}_s{seed}.pt"
     if path.exists():
         model = _new_model(args, train)
         model.load_state_dict(load_state_dict(path))
         return model.eval()
-    model, secs = _train(args, train, seed, victim)
+    model, secs = _train(args, train, seed, victim, init)
     save_state_dict(model, path)
     _log_clean(bench, model, test, seed=seed, seconds=round(secs, 1),
-               **({"victim_set": args.victim_set} if suffix else {}))
+               **({"victim_set": args.victim_set} if suffix else {}), **({"init": "surrogate"} if init else {}))
     return model
 
 
@@ -270,15 +276,22 @@ def gradient_matching(args, bench: Bench) -> None:
             victim_seed = args.seed
         else:
             victim_seed = args.seed + 1 + pair  # one the surrogate did not use; its control uses it too
+        init = None
+        if args.victim_init == "surrogate":
+            # The fine-tuning diagnostic: the victim trains on from the surrogate's weights (the model the
+            # poisons were crafted against), its control likewise on the clean set.
+            key += "/init:surrogate"
+            init = {k: v.detach().clone() for k, v in clean.state_dict().items()}
         row = bench.done(key)
         if row is None:
             poisoned, rec, reused = _gm_poisons(args, train, ctx, craft_key, pair)
-            victim, vsecs = _train(args, poisoned, seed=victim_seed, victim=True)
+            victim, vsecs = _train(args, poisoned, seed=victim_seed, victim=True, init=init)
             t, adv = int(rec.target_indices[0]), int(rec.adversarial_labels[0])
             p = _target_probs(victim, test, t)
             row = bench.add({"key": key, "part": "gradient_matching", "target": t, "target_class": int(test.labels[t]),
                              "adversarial_class": adv, "n_poisons": len(rec.indices), "poisons_reused": reused,
                              "victim_set": args.victim_set, "victim_seed": victim_seed,
+                             "victim_init": args.victim_init,
                              "poison_seconds": round(rec.seconds, 1), "victim_seconds": round(vsecs, 1),
                              "crafting_pflop": float(f"{pflop:.4g}"),
                              "crafting_tflops": float(f"{pflop * 1e3 / max(rec.seconds, 1e-9):.4g}"),
@@ -288,7 +301,7 @@ def gradient_matching(args, bench: Bench) -> None:
                              **_scalars(rec.extra)})
         rows.append(row)
         if args.controls:
-            controls.append(_control(args, bench, train, test, row, seed=victim_seed))
+            controls.append(_control(args, bench, train, test, row, seed=victim_seed, init=init))
     _summary(bench, "gradient_matching", rows, "success")
     if controls:
         _summary(bench, "gradient_matching_control", controls, "p_adv_lift")
@@ -322,7 +335,7 @@ def _gm_poisons(args, train, ctx, craft_key: str, pair: int):
     return poisoned, rec, False
 
 
-def _control(args, bench: Bench, train, test, row: dict, seed: int) -> dict:
+def _control(args, bench: Bench, train, test, row: dict, seed: int, init: dict | None = None) -> dict:
     """What the pair's victim would have said without the poisons: the target's adversarial-class
     probability under a clean model trained with the victim's seed (saved under OUT like every clean
     model, so one per seed). ``p_adv_lift`` is the victim's probability minus this one, a paired
@@ -332,7 +345,7 @@ def _control(args, bench: Bench, train, test, row: dict, seed: int) -> dict:
     if done is not None:
         return done
     t, adv = row["target"], row["adversarial_class"]
-    p = _target_probs(_clean(args, bench, train, test, seed, victim=True), test, t)
+    p = _target_probs(_clean(args, bench, train, test, seed, victim=True, init=init), test, t)
     p_adv = float(p[adv])
     return bench.add({"key": key, "part": "gradient_matching_control", "seed": seed, "target": t,
                       "adversarial_class": adv, "p_adv_control": round(p_adv, 4),
@@ -542,6 +555,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="fresh: each victim trains with a seed the surrogate did not use (the paper's setting); "
                         "surrogate: with the surrogate's own --seed, so only the poisons differ from the "
                         "surrogate's training (a diagnostic: does the crafted alignment act at all?)")
+    g.add_argument("--victim-init", choices=["scratch", "surrogate"], default="scratch",
+                   help="scratch: victims train from a fresh initialisation (the paper's setting); surrogate: "
+                        "they train on from the surrogate's weights, e.g. with --victim-set epochs=2 (a "
+                        "fine-tuning diagnostic: do the poisons move the model they were crafted against?); "
+                        "each control is the surrogate trained on the clean set the same way")
     g.add_argument("--victim-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change the victims' and controls' recipe (not the surrogate's), e.g. "
                         "label_smoothing=0; repeatable. The pair's poisons are crafted once and reused "

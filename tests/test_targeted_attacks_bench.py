@@ -99,9 +99,9 @@ def test_a_victim_recipe_ablation_reuses_the_crafted_poisons(digits, tmp_path, m
 
     real_train = TA._train
 
-    def recording_train(args, train, seed, victim=False):
+    def recording_train(args, train, seed, victim=False, init=None):
         trained.append((TA._recipe(args, victim).label_smoothing, train.images.copy()))
-        return real_train(args, train, seed, victim)
+        return real_train(args, train, seed, victim, init)
 
     monkeypatch.setattr(TA, "_gm_poisons", counting_poisons)
     monkeypatch.setattr(TA, "_train", recording_train)
@@ -166,9 +166,9 @@ def test_the_known_init_diagnostic_trains_the_victim_with_the_surrogates_seed(di
     seeds = []
     real_train = TA._train
 
-    def recording_train(args, train, seed, victim=False):
+    def recording_train(args, train, seed, victim=False, init=None):
         seeds.append((seed, victim))
-        return real_train(args, train, seed, victim)
+        return real_train(args, train, seed, victim, init)
 
     monkeypatch.setattr(TA, "_train", recording_train)
     out = tmp_path / "gm"
@@ -189,3 +189,33 @@ def test_a_bad_craft_shift_is_refused_before_any_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         TA.main(["gradient_matching", "--out", str(tmp_path / "gm"), "--craft-shift", "40"])
     assert "--craft-shift" in capsys.readouterr().err and not (tmp_path / "gm").exists()
+
+
+def test_the_fine_tuning_diagnostic_starts_victim_and_control_from_the_surrogate(digits, tmp_path, monkeypatch):
+    """--victim-init surrogate: the victim and its control both train on from the surrogate's weights (the
+    control on the clean set, saved under its own _ft name); the key says so."""
+    monkeypatch.setattr(TA, "_data", lambda args: digits)
+    starts = []
+    real_train = TA._train
+
+    def recording_train(args, train, seed, victim=False, init=None):
+        starts.append(None if init is None else {k: v.clone() for k, v in init.items()})
+        return real_train(args, train, seed, victim, init)
+
+    monkeypatch.setattr(TA, "_train", recording_train)
+    out = tmp_path / "gm"
+    TA.main(["gradient_matching", "--out", str(out), "--model-params", '{"widths": [16, 32, 64]}', "--epochs", "1",
+             "--batch-size", "64", "--pairs", "1", "--steps", "1", "--restarts", "1", "--budget", "0.02",
+             "--controls", "--victim-init", "surrogate", "--threads", str(torch.get_num_threads()), "--no-bf16"])
+    assert starts[0] is None and starts[1] is not None and starts[2] is not None  # surrogate, victim, control
+    surrogate = TA._new_model(TA.argparse.Namespace(model="fastnet", model_params='{"widths": [16, 32, 64]}',
+                                                    device="cpu"), digits[0])
+    from poisonlab.utils import load_state_dict
+
+    surrogate.load_state_dict(load_state_dict(next(out.glob("clean_*_s0.pt"))))
+    for k, v in surrogate.state_dict().items():
+        assert torch.equal(starts[1][k], v) and torch.equal(starts[2][k], v)
+    rows = TA.Bench(out, "gradient_matching", []).rows
+    pair = next(r for r in rows if r.get("part") == "gradient_matching" and "key" in r)
+    assert pair["key"].endswith("/init:surrogate") and pair["victim_init"] == "surrogate"
+    assert len(list(out.glob("clean_*_ft_s1.pt"))) == 1
