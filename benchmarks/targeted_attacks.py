@@ -179,7 +179,10 @@ def _clean(args, bench: Bench, train, test, seed: int, victim: bool = False, ini
     if args.clean_model is not None:
         return _given_clean(args, bench, train, test)
     suffix = f"_v{digest(args.victim_set)[:8]}" if victim and args.victim_set else ""
-    suffix += "_ft" if init is not None else ""
+    fields = {"victim_set": args.victim_set} if suffix else {}
+    if init is not None:
+        suffix += "_ft"
+        fields["init"] = "surrogate"
     path = Path(args.out) / f"clean_{_recipe_id(args)}{suffix}_s{seed}.pt"
     if path.exists():
         model = _new_model(args, train)
@@ -187,8 +190,7 @@ def _clean(args, bench: Bench, train, test, seed: int, victim: bool = False, ini
         return model.eval()
     model, secs = _train(args, train, seed, victim, init)
     save_state_dict(model, path)
-    _log_clean(bench, model, test, seed=seed, seconds=round(secs, 1),
-               **({"victim_set": args.victim_set} if suffix else {}), **({"init": "surrogate"} if init else {}))
+    _log_clean(bench, model, test, seed=seed, seconds=round(secs, 1), **fields)
     return model
 
 
@@ -260,6 +262,9 @@ def gradient_matching(args, bench: Bench) -> None:
     pflop = per_step * n_poisons * args.steps * args.restarts / 1e15
     bench.add({"event": "crafting_cost", "gflop_per_poison_step": round(per_step / 1e9, 3), "n_poisons": n_poisons,
                "pflop_per_pair": float(f"{pflop:.4g}")})
+    # The fine-tuning diagnostic: victims (and controls) train on from the surrogate's weights, the model
+    # the poisons were crafted against; one copy serves every pair.
+    init = {k: v.detach().clone() for k, v in clean.state_dict().items()} if args.victim_init == "surrogate" else None
     rows, controls = [], []
     for pair in range(args.first_pair, args.pairs):
         craft_key = f"{_recipe_id(args)}/gm/{pair}/b{args.budget}/e{args.eps}/s{args.steps}x{args.restarts}"
@@ -276,12 +281,8 @@ def gradient_matching(args, bench: Bench) -> None:
             victim_seed = args.seed
         else:
             victim_seed = args.seed + 1 + pair  # one the surrogate did not use; its control uses it too
-        init = None
-        if args.victim_init == "surrogate":
-            # The fine-tuning diagnostic: the victim trains on from the surrogate's weights (the model the
-            # poisons were crafted against), its control likewise on the clean set.
+        if init is not None:
             key += "/init:surrogate"
-            init = {k: v.detach().clone() for k, v in clean.state_dict().items()}
         row = bench.done(key)
         if row is None:
             poisoned, rec, reused = _gm_poisons(args, train, ctx, craft_key, pair)
