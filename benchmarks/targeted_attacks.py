@@ -18,6 +18,8 @@ resumed (and runs in the background: ``nohup python ... &``).
                      poisons differ), --victim-init surrogate trains it on from the surrogate's weights
                      (fine-tuning), --craft-shift sets the crafting augmentation's translation.
                      Paper: about 90% for ResNet-18 on CIFAR-10.
+  gm_alignment       For each pair gradient_matching stored: the poisons' alignment on the surrogate read
+                     off the stored (uint8) poisoned set, beside the same images unperturbed (no training).
   nn_flip            Study 3: over (target, seed) pairs, the target's adversarial-class probability and
                      whether its label flips, for every --k x --feature-spaces x --metrics; victims
                      retrained from scratch. Study: p(dog) 92% for a deer, 250 neighbours, ResNet-18.
@@ -308,6 +310,46 @@ def gradient_matching(args, bench: Bench) -> None:
         _summary(bench, "gradient_matching_control", controls, "p_adv_lift")
 
 
+def gm_alignment(args, bench: Bench) -> None:
+    """For every pair stored under OUT/cache/gm_poisons by ``gradient_matching`` with this recipe: the
+    alignment the stored (uint8) poisons carry on the surrogate, beside that of the same images unperturbed
+    and the crafting's own ``final_alignment`` -- a check that what the victims train on is what was crafted."""
+    from poisonlab.attacks.gradient_matching import poison_alignment
+    from poisonlab.errors import ParameterError
+    from poisonlab.experiments.cache import ArtifactCache, poisoning_from_entry
+
+    cache, folder = ArtifactCache(Path(args.out) / "cache"), Path(args.out) / "cache" / "gm_poisons"
+    entries = []  # (folder, meta) of this recipe's pairs; others were crafted against another surrogate
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        meta = cache.meta("gm_poisons", entry.name) if cache.has("gm_poisons", entry.name) else {}
+        if str(meta.get("craft_key", "")).startswith(_recipe_id(args) + "/"):
+            entries.append((entry, meta))
+    if not entries:
+        bench.add({"event": "warning", "note": f"no stored gradient_matching poisons of recipe {_recipe_id(args)} "
+                                               f"under {folder}"})
+        return
+    train, test = _data(args)
+    _, clean, _ = next(_seeded(args, bench, train, test))  # the surrogate: --seed, as gradient_matching's
+    for entry, meta in entries:
+        craft_key = meta["craft_key"]
+        if bench.done(f"align/{craft_key}") is None:
+            poisoned, rec = poisoning_from_entry(train, meta, cache.arrays("gm_poisons", entry.name))
+            t, adv = int(rec.target_indices[0]), int(rec.adversarial_labels[0])
+            ls = rec.params.get("label_smoothing") or 0.0
+            try:  # poison_alignment checks the stored label smoothing's range
+                align = {name: poison_alignment(clean, imgs[rec.indices], poisoned.labels[rec.indices],
+                                                test.images[[t]], adv, label_smoothing=ls)
+                         for name, imgs in (("stored", poisoned.images), ("unperturbed", train.images))}
+            except ParameterError as e:
+                bench.add({"event": "warning", "note": f"{entry / 'meta.json'}: {e}; entry skipped"})
+                continue
+            bench.add({"key": f"align/{craft_key}", "part": "gm_alignment", "target": t,
+                       "adversarial_class": adv, "n_poisons": len(rec.indices),
+                       "final_alignment_crafting": rec.extra.get("final_alignment"),
+                       "alignment_stored": round(align["stored"], 4),
+                       "alignment_unperturbed": round(align["unperturbed"], 4)})
+
+
 # The crafting options and the attack parameters they set; the attack itself checks their ranges.
 GM_OPTIONS = {"budget": "--budget", "epsilon": "--eps", "steps": "--steps", "restarts": "--restarts",
               "label_smoothing": "--craft-label-smoothing", "shift": "--craft-shift"}
@@ -506,7 +548,7 @@ def label_consistent(args, bench: Bench) -> None:
     _summary(bench, "label_consistent", rows, "asr", lambda r: f"{r['surrogate']} rate={r['rate']} amp={r['amplitude']}")
 
 
-PARTS = {"gradient_matching": gradient_matching, "nn_flip": nn_flip, "feature_collision": feature_collision,
+PARTS = {"gradient_matching": gradient_matching, "gm_alignment": gm_alignment, "nn_flip": nn_flip, "feature_collision": feature_collision,
          "label_consistent": label_consistent}
 
 

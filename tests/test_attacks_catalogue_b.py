@@ -179,6 +179,16 @@ def test_gradient_matching_improves_alignment(digits, clean_digits):
     curve = r.extra["alignment_per_step"]
     assert r.extra["alignment_last"] > r.extra["alignment_first"] + 0.03, curve
     assert r.extra["final_alignment"] > r.extra["alignment_first"] + 0.03
+    # the stored (uint8) poisons carry the alignment the crafting reported; the same images unperturbed do not
+    from poisonlab.attacks.gradient_matching import poison_alignment
+
+    stored = poison_alignment(clean_digits, p.images[r.indices], p.labels[r.indices], te.images[r.target_indices], 4)
+    unperturbed = poison_alignment(clean_digits, tr.images[r.indices], tr.labels[r.indices],
+                                   te.images[r.target_indices], 4)
+    assert abs(stored - r.extra["final_alignment"]) < 0.05 and stored > unperturbed + 0.03, (stored, unperturbed)
+    with pytest.raises(ParameterError, match="label_smoothing"):
+        poison_alignment(clean_digits, p.images[r.indices], p.labels[r.indices], te.images[r.target_indices], 4,
+                         label_smoothing=1.5)
     m = evaluate(clean_digits, te, r)
     assert "target_success" in m
 

@@ -219,3 +219,24 @@ def test_the_fine_tuning_diagnostic_starts_victim_and_control_from_the_surrogate
     pair = next(r for r in rows if r.get("part") == "gradient_matching" and "key" in r)
     assert pair["key"].endswith("/init:surrogate") and pair["victim_init"] == "surrogate"
     assert len(list(out.glob("clean_*_ft_s1.pt"))) == 1
+
+
+def test_gm_alignment_reads_each_stored_pair_once(digits, tmp_path, monkeypatch):
+    """gm_alignment: one row per pair stored by gradient_matching with this recipe, its stored poisons'
+    alignment next to the crafting's own figure; entries of another recipe are left alone; a rerun adds nothing."""
+    monkeypatch.setattr(TA, "_data", lambda args: digits)
+    out = tmp_path / "gm"
+    common = ["--out", str(out), "--model-params", '{"widths": [16, 32, 64]}', "--epochs", "1", "--batch-size", "64",
+              "--threads", str(torch.get_num_threads()), "--no-bf16"]
+    TA.main(["gradient_matching", *common, "--pairs", "2", "--steps", "4", "--restarts", "1", "--budget", "0.02"])
+    TA.main(["gm_alignment", *common])
+    rows = [r for r in TA.Bench(out, "gm_alignment", []).rows if r.get("part") == "gm_alignment"]
+    assert len(rows) == 2 and len({r["key"] for r in rows}) == 2
+    for r in rows:
+        assert abs(r["alignment_stored"] - r["final_alignment_crafting"]) < 0.05, r
+        assert -1 <= r["alignment_unperturbed"] <= 1 and r["n_poisons"] > 0
+    TA.main(["gm_alignment", *common])  # done: nothing is measured again
+    assert sum(r.get("part") == "gm_alignment" for r in TA.Bench(out, "gm_alignment", []).rows) == 2
+    other = [*common[:2], "--model-params", '{"widths": [8, 16, 32]}', *common[4:]]  # another recipe: no entry of its own
+    TA.main(["gm_alignment", *other])
+    assert any(r.get("event") == "warning" and "no stored" in r["note"] for r in TA.Bench(out, "gm_alignment", []).rows)

@@ -167,10 +167,7 @@ class GradientMatching(Attack):
         dev = model_device(model)
         bf16 = use_bf16("auto" if self.bf16 is None else self.bf16, dev, poisons.shape[1])
         params = _flat_grad_params(model)
-        xt = to_nchw_float(targets, dev)
-        tgrad = [g.detach().float() for g in _param_grad(model, xt, torch.full((len(xt),), adv, device=dev),
-                                                          params, bf16, create_graph=False)]
-        tnorm = torch.sqrt(sum(g.pow(2).sum() for g in tgrad))
+        tgrad, tnorm = _target_grad(model, to_nchw_float(targets, dev), adv, params, bf16)
         x0 = to_nchw_float(poisons, dev)
         y0 = torch.full((len(x0),), adv, device=dev)
         std = getattr(model, "std", None)
@@ -205,16 +202,61 @@ class GradientMatching(Attack):
         # the paper keeps the restart with the lowest alignment loss at its last step
         chosen = max(range(len(runs)), key=lambda r: runs[r][0][-1])
         curve, best = runs[chosen]
-        total = 0.0
-        for i in range(0, len(x0), self.batch_size):  # the chosen poisons' alignment without augmentation
-            sl = slice(i, i + self.batch_size)
-            pgrad = _param_grad(model, x0[sl] + best[sl] * std, y0[sl], params, bf16, create_graph=False,
-                                label_smoothing=self.label_smoothing)
-            total += float(alignment_loss(pgrad, tgrad, tnorm)) * len(x0[sl])
-        info = {"final_alignment": round(1 - total / len(x0), 4), "alignment_first": round(curve[0], 4), "alignment_last": round(curve[-1], 4),
+        # the chosen poisons' alignment without augmentation
+        final = _mean_alignment(model, x0 + best * std, y0, params, tgrad, tnorm, bf16, self.batch_size,
+                                self.label_smoothing)
+        info = {"final_alignment": round(final, 4), "alignment_first": round(curve[0], 4), "alignment_last": round(curve[-1], 4),
                 "restart_alignments": [round(r[0][-1], 4) for r in runs], "restart_chosen": chosen,
                 "alignment_per_step": [round(c, 4) for c in curve], "bf16": bf16, "shift": shift}
         return (best * std).cpu(), info
+
+
+def poison_alignment(model: nn.Module, images: np.ndarray, labels: np.ndarray, targets: np.ndarray,
+                     adversarial_class: int, *, label_smoothing: float = 0.0, bf16: bool = False,
+                     batch_size: int = 512) -> float:
+    """What Witches' Brew maximises, read off a poisoned set: the cosine similarity between the poisons'
+    training gradient and the targets' adversarial gradient on ``model`` (the surrogate, in eval mode, not
+    changed).
+
+    Goes in: ``images`` (uint8 NHWC, e.g. the stored poisons ``poisoned.images[record.indices]``) with their
+    ``labels``; ``targets`` (uint8 NHWC) and the ``adversarial_class`` they should be given. Comes out: a
+    float in [-1, 1] -- the cosine, over all trainable parameters, between the gradient of the mean
+    (label-smoothed) cross-entropy of the images (no augmentation, poison batches of ``batch_size`` weighted
+    by size, as the attack's ``final_alignment``) and that of the targets' cross-entropy towards
+    ``adversarial_class``. The same images unperturbed give the baseline to compare with.
+    """
+    label_smoothing = float(check_range(label_smoothing, "label_smoothing", 0, 1, hi_open=True))
+    batch_size = int(check_range(batch_size, "batch_size", 1, 65_536))
+    if len(images) == 0 or len(images) != len(labels) or len(targets) == 0:
+        raise ParameterError(f"poison_alignment: needs as many labels as images ({len(images)} images, "
+                             f"{len(labels)} labels) and at least one image and one target")
+    model.eval()
+    dev = model_device(model)
+    params = _flat_grad_params(model)
+    tgrad, tnorm = _target_grad(model, to_nchw_float(targets, dev), int(adversarial_class), params, bf16)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=dev)
+    return _mean_alignment(model, to_nchw_float(images, dev), y, params, tgrad, tnorm, bf16, batch_size,
+                           label_smoothing)
+
+
+def _target_grad(model: nn.Module, xt: torch.Tensor, adv: int, params: list[torch.Tensor],
+                 bf16: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The targets' adversarial gradient (mean cross-entropy towards ``adv``, float32) and its norm."""
+    y = torch.full((len(xt),), adv, device=xt.device)
+    tgrad = [g.detach().float() for g in _param_grad(model, xt, y, params, bf16, create_graph=False)]
+    return tgrad, torch.sqrt(sum(g.pow(2).sum() for g in tgrad))
+
+
+def _mean_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor],
+                    tgrad: Sequence[torch.Tensor], tnorm: torch.Tensor, bf16: bool, batch_size: int,
+                    label_smoothing: float) -> float:
+    """Cosine alignment of the images ``x`` (pixel units, NCHW) with the target gradient, per batch, weighted by size."""
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        sl = slice(i, i + batch_size)
+        pgrad = _param_grad(model, x[sl], y[sl], params, bf16, create_graph=False, label_smoothing=label_smoothing)
+        total += float(alignment_loss(pgrad, tgrad, tnorm)) * len(x[sl])
+    return 1 - total / len(x)
 
 
 def _step(model: nn.Module, x0: torch.Tensor, d: torch.Tensor, std: torch.Tensor, y: torch.Tensor,
