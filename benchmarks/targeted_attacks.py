@@ -318,7 +318,8 @@ def gm_alignment(args, bench: Bench) -> None:
     from poisonlab.errors import ParameterError
     from poisonlab.experiments.cache import ArtifactCache, poisoning_from_entry
 
-    cache, folder = ArtifactCache(Path(args.out) / "cache"), Path(args.out) / "cache" / "gm_poisons"
+    cache = ArtifactCache(Path(args.out) / "cache")
+    folder = cache.root / "gm_poisons"
     entries = []  # (folder, meta) of this recipe's pairs; others were crafted against another surrogate
     for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
         meta = cache.meta("gm_poisons", entry.name) if cache.has("gm_poisons", entry.name) else {}
@@ -548,8 +549,8 @@ def label_consistent(args, bench: Bench) -> None:
     _summary(bench, "label_consistent", rows, "asr", lambda r: f"{r['surrogate']} rate={r['rate']} amp={r['amplitude']}")
 
 
-PARTS = {"gradient_matching": gradient_matching, "gm_alignment": gm_alignment, "nn_flip": nn_flip, "feature_collision": feature_collision,
-         "label_consistent": label_consistent}
+PARTS = {"gradient_matching": gradient_matching, "gm_alignment": gm_alignment, "nn_flip": nn_flip,
+         "feature_collision": feature_collision, "label_consistent": label_consistent}
 
 
 def main(argv: list[str] | None = None) -> None:
