@@ -8,7 +8,8 @@
 2. runs the same attacks on ``--extra-seeds`` (default 1 2) WITHOUT defences into OUT/seeds, with the same
    cache (OUT/cache), so that every poisoned model is trained once per attack and seed;
 3. reads both results.csv and writes OUT/table.md (and prints it): the no-defence rows as mean ± std over
-   all seeds, the defence rows of seed 0, each beside BackdoorBench's published figure.
+   all seeds, the defence rows of seed 0, each beside BackdoorBench's published figure. The defence rows
+   of OUT/abl are read too: ABL run alone, hours long, by examples/backdoorbench/abl.toml.
 
 Kill it at any point and run the same command again: finished runs are skipped, trained models come
 from the cache. Figures are percentages; DER as BackdoorBench defines it.
@@ -172,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {e}")
         if args.dry_run:
             return
-    table = build_table(read_rows(out / "table") + read_rows(out / "seeds"))
+    # OUT/abl: the ABL row run alone (examples/backdoorbench/abl.toml); its no-defence row is seed 0's again
+    abl = [r for r in read_rows(out / "abl") if (r.get("defense") or "none") != "none"]
+    table = build_table(read_rows(out / "table") + read_rows(out / "seeds") + abl)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table)
     print(table)

@@ -15,7 +15,7 @@ from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
 from poisonlab.training.augment import augment_batch
-from poisonlab.training.device import use_bf16
+from poisonlab.training.device import autocast, use_bf16
 from poisonlab.validate import check_class, check_range, check_target_pair
 
 
@@ -301,7 +301,7 @@ def crafting_flops_per_poison_step(model: nn.Module, image_shape: tuple[int, int
 def _param_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], bf16: bool,
                 create_graph: bool, label_smoothing: float = 0.0) -> tuple[torch.Tensor, ...]:
     """Gradient of the mean (label-smoothed) cross-entropy of ``model`` on ``(x, y)`` w.r.t. ``params``."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with autocast(bf16, x.device):
         logits = model(x.contiguous(memory_format=torch.channels_last))
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     return torch.autograd.grad(loss, params, create_graph=create_graph)

@@ -22,6 +22,7 @@ from poisonlab.attacks.base import ATTACKS, Attack, AttackContext, Poisoning, Tr
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
 from poisonlab.validate import check_choice, check_range, check_rate
+from poisonlab.training.device import autocast
 
 CORNER_SETS = ("all", "bottom-right")
 
@@ -124,7 +125,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
             delta = torch.zeros_like(xb)
         for _ in range(steps if eps > 0 else 0):
             delta.requires_grad_(True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(bf16, device):
                 logits = model(xb + delta)
             loss = F.cross_entropy(logits.float(), yb, reduction="sum")
             (grad,) = torch.autograd.grad(loss, delta)  # gradient w.r.t. the input only, not the weights

@@ -9,6 +9,7 @@ from torch import nn
 
 from poisonlab.data.imageset import ImageSet
 from poisonlab.errors import ParameterError
+from poisonlab.training.device import use_bf16
 from poisonlab.training.loop import TrainConfig, fit
 
 MIN_CLEAN_PER_CLASS = 5
@@ -52,6 +53,14 @@ def finetune_copy(model: nn.Module, data: ImageSet, *, epochs: int, lr: float, b
                       warmup_fraction=0.0, **finetune_augment(data))
     hist = fit(tuned, data, cfg, seed=seed, progress=progress, description=description)
     return tuned, hist
+
+
+def loop_bf16(model: nn.Module, data: ImageSet) -> bool:
+    """Whether a defence's own loop over ``data`` runs under bfloat16 autocast: the rule that
+    :func:`poisonlab.training.fit` applies to :func:`finetune_copy` (:func:`poisonlab.training.use_bf16`
+    with ``"auto"``), so that a defence never mixes two precisions. Enter it with
+    :func:`poisonlab.training.device.autocast` around the forward pass only; take losses in float32."""
+    return use_bf16("auto", next(model.parameters()).device, data.images.shape[2])
 
 
 def pick(n: int, rate: float, seed: int) -> np.ndarray:

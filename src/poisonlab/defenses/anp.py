@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from poisonlab.defenses._bb_common import batch_norms, device_of
-from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, loop_bf16, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.training.checkpoint import (
     Checkpoint,
@@ -24,6 +24,7 @@ from poisonlab.training.checkpoint import (
     check_optimizer_state,
     fingerprint,
 )
+from poisonlab.training.device import autocast
 from poisonlab.training.loop import predict_logits
 from poisonlab.training.progress import progress_counter
 from poisonlab.validate import check_choice, check_range
@@ -78,7 +79,7 @@ class MaskRun(NamedTuple):
 def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iterations: int, batch_size: int,
                    eps: float, steps: int, alpha: float, lr: float, gen: torch.Generator,
                    progress: bool = False, progress_file: Checkpoint | None = None,
-                   save_every: int = 50) -> MaskRun:
+                   save_every: int = 50, bf16: bool = False) -> MaskRun:
     """ANP's min-max optimisation of the neuron masks on clean data (Wu and Wang 2021, Alg. 1).
 
     ``model`` is modified (a copy is expected); its weights stay fixed, only masks and noise learn.
@@ -90,6 +91,7 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
     With ``progress_file``, the masks, their optimiser and ``gen`` are saved every ``save_every``
     iterations and a stopped run continues from there to the same masks (the noise restarts every
     iteration and batch statistics do not depend on the running ones, so nothing else carries over).
+    ``bf16``: the forward passes under bfloat16 autocast (losses, masks and noise stay float32).
 
     Returns:
         The learnt mask of each layer (1-D tensors on the CPU) and the seconds spent, earlier sittings
@@ -115,6 +117,11 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
         for p in perts:
             p.perturbed = on
 
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(bf16, device):
+            logits = model(x)
+        return F.cross_entropy(logits.float(), y)
+
     progress_file = progress_file or Checkpoint(None)
     done, seconds = _resume_masks(progress_file, masks, mask_opt, gen, iterations)
     t0 = time.perf_counter()
@@ -129,18 +136,18 @@ def optimise_masks(model: nn.Module, layers: list[nn.Module], data, *, iteration
             perturb(True)
             for _ in range(steps):
                 noise_opt.zero_grad(set_to_none=True)
-                (-F.cross_entropy(model(x), y)).backward()
+                (-loss_of(x, y)).backward()
                 for t in noise:
                     t.grad = t.grad.sign()
                 noise_opt.step()
         mask_opt.zero_grad(set_to_none=True)
         if eps > 0:
             perturb(True)
-            loss_rob = F.cross_entropy(model(x), y)
+            loss_rob = loss_of(x, y)
         else:
             loss_rob = torch.zeros((), device=device)
         perturb(False)
-        loss_nat = F.cross_entropy(model(x), y)
+        loss_nat = loss_of(x, y)
         (alpha * loss_nat + (1 - alpha) * loss_rob).backward()
         mask_opt.step()
         with torch.no_grad():
@@ -215,7 +222,9 @@ class ANP(Defense):
     all masks but one above 0.2 and the backdoor in place), little is pruned; ``"clean_accuracy"`` does not depend on
     how far they fell, only on their order.
 
-    A model without batch norm (mnist_cnn) is refused with an error.
+    A model without batch norm (mnist_cnn) is refused with an error. The mask optimisation runs under bfloat16
+    autocast where training does (:func:`~poisonlab.defenses._repair.loop_bf16`); before 2026-12-05 it
+    ran in float32.
 
     Args:
         eps: noise radius, [0, 1]; steps: noise ascent steps per iteration, [1, 100].
@@ -256,7 +265,7 @@ class ANP(Defense):
         run = optimise_masks(work, batch_norms(work, who), clean, iterations=self.iterations,
                              batch_size=self.batch_size, eps=self.eps, steps=self.steps, alpha=self.alpha,
                              lr=self.lr, gen=torch.Generator().manual_seed(ctx.seed), progress=ctx.progress,
-                             progress_file=progress_file)
+                             progress_file=progress_file, bf16=loop_bf16(work, clean))
         t1 = time.perf_counter()
         masks = run.masks
         allm = torch.cat(masks).numpy()

@@ -14,9 +14,10 @@ from torch import nn
 
 from poisonlab.validate import check_range
 from poisonlab.defenses._bb_common import BATCH_NORMS, batches, device_of
-from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, loop_bf16, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
+from poisonlab.training.device import autocast
 from poisonlab.training.checkpoint import (
     Checkpoint,
     StaleProgress,
@@ -29,23 +30,26 @@ from poisonlab.training.checkpoint import (
 
 def smooth_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Mean cross-entropy against ``1 - smoothing`` on the label and ``smoothing / (K - 1)`` on every other class."""
-    k = logits.shape[1]
-    target = torch.full_like(logits, smoothing / max(1, k - 1))
+    logits = logits.float()  # bf16 logits: the targets and the loss stay float32
+    target = torch.full_like(logits, smoothing / max(1, logits.shape[1] - 1))
     target.scatter_(1, y[:, None], 1.0 - smoothing)
-    return -(target * F.log_softmax(logits.float(), 1)).sum(1).mean()
+    return -(target * F.log_softmax(logits, 1)).sum(1).mean()
 
 
 def sam_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, x: torch.Tensor, y: torch.Tensor, rho: float,
-             adaptive: bool = True) -> float:
+             adaptive: bool = True, bf16: bool = False) -> float:
     """One sharpness-aware step (Foret et al. 2021; adaptive: Kwon et al. 2021, ASAM).
 
     Gradient at ``w``; ascend to ``w + e`` with ``e = rho * T^2 g / |T g|`` (``T = |w|`` when
     ``adaptive``, else 1); gradient there with batch-norm running statistics frozen; back to ``w``;
-    ``opt`` steps with the second gradient. Returns the loss at ``w``.
+    ``opt`` steps with the second gradient. Returns the loss at ``w``. ``bf16``: both forward passes
+    under bfloat16 autocast (``loss_fn`` should take its loss in float32); the ascent stays float32.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    with autocast(bf16, x.device):
+        logits = model(x)
+    loss = loss_fn(logits, y)
     loss.backward()
     with torch.no_grad():
         grads = [(p, p.grad) for p in params if p.grad is not None]
@@ -62,7 +66,9 @@ def sam_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, x: torch.Ten
         m.momentum = 0.0  # the second pass must not move the running statistics
     try:
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        with autocast(bf16, x.device):
+            logits = model(x)
+        loss_fn(logits, y).backward()
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
@@ -90,7 +96,8 @@ class FTSAM(Defense):
     4 and flip, as for ``finetune``); BackdoorBench steps an epoch-long cosine schedule per batch,
     here the cosine spans all steps. With ``ctx.progress_dir`` the run saves its progress after every
     epoch and a stopped run continues from there to the same model (BackdoorBench's 100 epochs take
-    tens of minutes on a CPU).
+    tens of minutes on a CPU). Both passes of every step run under bfloat16 autocast where training
+    does (:func:`~poisonlab.defenses._repair.loop_bf16`); before 2026-12-05 they ran in float32.
 
     Args:
         epochs: passes over the clean set, [1, 10000].
@@ -135,6 +142,7 @@ class FTSAM(Defense):
                                           clean.images, clean.labels))
         done, seconds, losses = _resume(progress, model, opt, gen, self.epochs)
         loss_fn = partial(smooth_cross_entropy, smoothing=self.label_smoothing)
+        bf16 = loop_bf16(model, clean)
         for epoch in range(done, self.epochs):
             t0 = time.perf_counter()
             losses = []
@@ -142,7 +150,7 @@ class FTSAM(Defense):
                 step = epoch * steps_per_epoch + i
                 for g in opt.param_groups:
                     g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                losses.append(sam_step(model, opt, loss_fn, x, y, self.rho, self.adaptive))
+                losses.append(sam_step(model, opt, loss_fn, x, y, self.rho, self.adaptive, bf16))
             seconds += time.perf_counter() - t0
             progress.save({**training_state(model, [opt], gen), "epoch": epoch + 1, "seconds": seconds,
                            "losses": losses})

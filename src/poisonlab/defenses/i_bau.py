@@ -70,6 +70,9 @@ class IBAU(Defense):
     Defaults are BackdoorBench's: 5 rounds, k = 5, Adam lr 1e-4, batch 256; with the authors' code
     they share portion 0.01 (2 images of 256; the authors' batch of 100 stamps one), inner step 0.1,
     delta lr 10 and penalty 0.001. The authors' own defaults are 3 rounds, Adam lr 1e-3, batch 100.
+    It runs in float32 where the other defences' own loops take bfloat16 (:func:`~poisonlab.defenses._repair.
+    loop_bf16`): the fixed-point hypergradient differentiates through gradients, where bf16's 8-bit
+    mantissa would be amplified ``k`` times.
 
     Args:
         rounds: unlearning rounds, [1, 1000]; k: fixed-point steps, [1, 1000].

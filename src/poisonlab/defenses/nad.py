@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from poisonlab.validate import check_range
 from poisonlab.defenses._bb_common import StageTap, batches, device_of
-from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, loop_bf16, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.errors import ParameterError
+from poisonlab.training.device import autocast
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
@@ -51,7 +52,8 @@ class NAD(Defense):
     attention term is always 0). Like BackdoorBench, teacher and student see the clean set
     augmented (random crop, flip on colour images; as every fine-tune here). The distillation only
     helps if the fine-tuned teacher has lost most of the backdoor: with a teacher that keeps it,
-    raise ``lr``.
+    raise ``lr``. Teacher and student run under bfloat16 autocast where training does
+    (:func:`~poisonlab.defenses._repair.loop_bf16`); before 2026-12-05 the student's loop ran in float32.
 
     Args:
         teacher_epochs: fine-tuning epochs of the teacher, [1, 10000].
@@ -88,7 +90,9 @@ class NAD(Defense):
                                       description="nad teacher")
         teacher.eval()
         student = copy.deepcopy(ctx.model)
-        tap = StageTap(student, clean.float_tensor(device)[:2], len(self.betas), who)
+        bf16 = loop_bf16(student, clean)
+        with autocast(bf16, device):  # the stage probe too: nothing here runs in another precision
+            tap = StageTap(student, clean.float_tensor(device)[:2], len(self.betas), who)
         betas = self.betas[-len(tap.positions):]
         opt = torch.optim.SGD([q for q in student.parameters() if q.requires_grad], lr=self.lr, momentum=0.9,
                               weight_decay=self.weight_decay)
@@ -97,9 +101,10 @@ class NAD(Defense):
         n = 0
         student.train()
         for x, y in batches(clean, self.batch_size, self.epochs, gen, device, augment=True):
-            logits, s_maps = tap.forward(student, x)
-            with torch.no_grad():
-                _, t_maps = tap.forward(teacher, x)
+            with autocast(bf16, device):  # the losses below are taken in float32
+                logits, s_maps = tap.forward(student, x)
+                with torch.no_grad():
+                    _, t_maps = tap.forward(teacher, x)
             ce = F.cross_entropy(logits.float(), y)
             at = sum(b * attention_loss(s.float(), t.float(), self.p) for b, s, t in zip(betas, s_maps, t_maps))
             opt.zero_grad(set_to_none=True)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonlab.data.imageset import to_uint8_nhwc
-from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, pick, require_clean_set
+from poisonlab.defenses._repair import MIN_CLEAN_PER_CLASS, finetune_copy, loop_bf16, pick, require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from poisonlab.metrics import robust_z
+from poisonlab.training.device import autocast
 from poisonlab.training.progress import progress_counter
 from poisonlab.validate import check_range, check_tuning
 
@@ -39,7 +40,7 @@ class ReversedTriggers:
 def reverse_engineer_triggers(model: nn.Module, images: torch.Tensor, num_classes: int, *, steps: int = 300,
                               batch_size: int = 32, lr: float = 0.1, init_cost: float = 1e-2,
                               success_threshold: float = 0.99, check_every: int = 5, seed: int = 0,
-                              progress: bool = False) -> ReversedTriggers:
+                              progress: bool = False, bf16: bool = False) -> ReversedTriggers:
     """Optimise a mask and pattern per class, all classes in one batch (Wang et al. 2019, Eq. 3).
 
     Each step stamps the same ``batch_size`` clean images with all ``K``
@@ -55,6 +56,7 @@ def reverse_engineer_triggers(model: nn.Module, images: torch.Tensor, num_classe
             flow to the mask and pattern only).
         images: float NCHW clean images in [0, 1] the triggers are optimised over.
         num_classes: K.
+        bf16: the model's forward passes under bfloat16 autocast (the loss, mask and pattern stay float32).
     """
     device = images.device
     model.eval()
@@ -78,7 +80,8 @@ def reverse_engineer_triggers(model: nn.Module, images: torch.Tensor, num_classe
         mask = (torch.tanh(mask_p) + 1) / 2
         pat = (torch.tanh(pat_p) + 1) / 2
         stamped = (1 - mask[:, None]) * x[None] + (mask * pat)[:, None]  # K, B, C, H, W
-        logits = model(stamped.reshape(-1, c, h, w))
+        with autocast(bf16, device):
+            logits = model(stamped.reshape(-1, c, h, w)).float()
         ce = F.cross_entropy(logits, targets, reduction="none").view(num_classes, batch_size).mean(1)
         l1 = mask.sum((1, 2, 3))
         loss = (ce + cost * l1).sum()
@@ -129,6 +132,8 @@ class NeuralCleanse(Defense):
     ``flagged_classes``, ``n_flagged``, ``reverse_seconds``. Arrays (for the
     report's plot): ``nc_mask`` (K, H, W) and ``nc_pattern`` (K, H, W, C), the
     reversed mask and pattern of every class as uint8 (0-255 for [0, 1]).
+    The reverse engineering runs under bfloat16 autocast where training does
+    (:func:`~poisonlab.defenses._repair.loop_bf16`); before 2026-12-05 it ran in float32.
 
     Args:
         steps: optimisation steps (each over all classes at once).
@@ -166,7 +171,8 @@ class NeuralCleanse(Defense):
         t0 = time.perf_counter()
         rev = reverse_engineer_triggers(ctx.model, clean.float_tensor(device), clean.num_classes, steps=self.steps,
                                         batch_size=self.batch_size, lr=self.lr, init_cost=self.init_cost,
-                                        check_every=self.check_every, seed=ctx.seed, progress=ctx.progress)
+                                        check_every=self.check_every, seed=ctx.seed, progress=ctx.progress,
+                                        bf16=loop_bf16(ctx.model, clean))
         secs = time.perf_counter() - t0
         index = mad_anomaly_index(rev.l1)
         flagged = np.nonzero((index > self.threshold) & (rev.l1 < np.median(rev.l1)))[0]

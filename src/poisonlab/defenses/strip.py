@@ -14,7 +14,7 @@ from torch import nn
 from poisonlab.data.imageset import ImageSet, float_nchw, nchw_tensor
 from poisonlab.defenses._repair import require_clean_set
 from poisonlab.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
-from poisonlab.training.device import use_bf16 as bf16_rule
+from poisonlab.training.device import autocast, use_bf16 as bf16_rule
 from poisonlab.validate import check_choice, check_range
 
 # blended copies per forward pass: on a CPU a 1,280-image batch ran 30% slower per image than
@@ -63,7 +63,7 @@ def strip_entropy(model: nn.Module, images: ImageSet | np.ndarray | torch.Tensor
         o = pool[pick]  # b, n, C, H, W
         blends = (x[:, None] + o).clamp_(max=1.0) if alpha is None else alpha * x[:, None] + (1 - alpha) * o
         flat = blends.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(use_bf16, device):
             logits = torch.cat([model(c) for c in flat.split(_FORWARD_CHUNK)])
         logp = torch.log_softmax(logits.float(), 1)
         ent = -(logp.exp() * logp).sum(1).view(b, n).mean(1)

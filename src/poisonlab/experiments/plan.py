@@ -578,7 +578,7 @@ def _seconds_per_sample(model: ModelConfig, shape: tuple[int, int, int], k: int,
 
     from poisonlab.data import ImageSet
     from poisonlab.models import build_model_for
-    from poisonlab.training.device import use_bf16
+    from poisonlab.training.device import autocast, use_bf16
 
     h, w, c = shape
     try:
@@ -600,7 +600,7 @@ def _seconds_per_sample(model: ModelConfig, shape: tuple[int, int, int], k: int,
         while len(times) < 8:
             t0 = time.perf_counter()
             net.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with autocast(bf16, "cpu"):
                 loss = torch.nn.functional.cross_entropy(net(x), y)
             loss.backward()
             times.append(time.perf_counter() - t0)

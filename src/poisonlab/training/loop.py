@@ -36,7 +36,7 @@ from poisonlab.training.checkpoint import (
     restore_training_state,
     training_state,
 )
-from poisonlab.training.device import resolve_device, use_bf16
+from poisonlab.training.device import autocast, resolve_device, use_bf16
 from poisonlab.training.muon import Muon
 from poisonlab.training.progress import progress_counter
 
@@ -348,7 +348,7 @@ def train_epoch(s: TrainState, epoch: int) -> dict:
         for lo in range(0, len(idx), step):
             chunk = slice(lo, lo + step)  # a slice keeps the channels_last strides (an index tensor would not)
             xc, yc = x[chunk], y[chunk]
-            with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+            with autocast(s.bf16, s.device):
                 logits = model(xc)
             losses = F.cross_entropy(logits.float(), yc, reduction="none", label_smoothing=cfg.label_smoothing)
             wc = w[chunk] if w is not None else None
@@ -614,7 +614,7 @@ def predict_logits(model: nn.Module, data: ImageSet | np.ndarray | torch.Tensor,
         x = x_all[i:i + batch_size].to(device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use):
+        with autocast(use, device):
             if features:
                 out = fn(x).float()
             else:
