@@ -336,11 +336,27 @@ def test_table_reads_the_abl_run_beside_the_table(tmp_path):
     bench = load_benchmark("backdoorbench")
     bad = "badnets(corner=bottom-right,intensity=1.0,rate=0.1,size=3,target=0)"
     head = "attack,defense,seed,clean_acc,asr,robust_acc,der,defense_seconds,error\n"
-    for folder, body in (("table", f'"{bad}",none,0,0.93,0.96,0.03,,,\n'),
-                         ("abl", f'"{bad}",none,0,0.93,0.96,0.03,,,\n"{bad}","abl(ascent=flooding)",0,0.8,0.01,0.79,0.97,9000,\n')):
+    none = f'"{bad}",none,0,0.93,0.96,0.03,,,\n'
+    abl = f'"{bad}","abl(ascent=flooding)",0,0.8,0.01,0.79,0.97,9000,\n'
+    for folder, body in (("table", none), ("abl", none + abl)):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "results.csv").write_text(head + body)
     bench.main(["--out", str(tmp_path), "--table-only"])
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert any(ln.startswith("| BadNets | 10% | 91.82 | 93.00 | 93.79 | 96.00 | 3.00 |") for ln in lines)  # n=1
     assert "| ABL | 80.10 | 80.00 | 0.00 | 1.00 | 79.00 | 91.03 | 97.00 | 9000 |" in lines
+
+
+def test_defense_loops_benchmark_budgets_are_valid_and_a_bad_victim_is_refused(tmp_path):
+    """benchmarks/defense_loops.py: every short budget it times builds its defence; a model whose meta.json
+    is not a cached victim's stops with one sentence naming the file, before any data is read."""
+    from helpers import load_benchmark
+
+    bench = load_benchmark("defense_loops")
+    assert {name for name, *_ in bench.SPEED_RUNS} == {"ft_sam", "neural_cleanse", "anp", "nad", "abl"}
+    for name, params, _unit, units in bench.SPEED_RUNS:
+        get_defense(name, **params)
+        assert units >= 1
+    (tmp_path / "meta.json").write_text('{"poisoning": {"attack": "no_such_attack", "params": {}}}')
+    with pytest.raises(SystemExit, match="meta.json"):
+        bench.main(["speed", "--model", str(tmp_path / "model.pt"), "--data-dir", str(tmp_path)])

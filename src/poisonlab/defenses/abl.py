@@ -109,10 +109,11 @@ class ABL(Defense):
     are augmented (``augment``: random crop and, on colour images, flip, as every fine-tune here,
     :func:`~poisonlab.defenses._repair.finetune_augment`; the paper's code adds a 3-pixel cutout).
     The unlearning batches are not augmented, as in the paper's code (BackdoorBench augments them,
-    at its lower unlearning lr 1e-4). Every phase runs under bfloat16 autocast where training does
-    (:func:`~poisonlab.defenses._repair.loop_bf16`: 32x32 images on a CPU with bf16 units, CUDA);
-    before 2026-12-05 the isolation and unlearning loops ran in float32. On the BadNets MNIST slice of the tests, ABL left ASR 0.67 with
-    both phases augmented, 0.04 with the fine-tuning alone augmented and 0.004 with neither.
+    at its lower unlearning lr 1e-4). On the BadNets MNIST slice of the tests, ABL left ASR 0.67 with
+    both phases augmented, 0.04 with the fine-tuning alone augmented and 0.004 with neither. Every
+    phase runs under bfloat16 autocast where training does (:func:`~poisonlab.defenses._repair.loop_bf16`:
+    32x32 images on a CPU with bf16 units, CUDA); before 2026-12-05 the isolation and unlearning loops
+    ran in float32.
 
     Resuming: with ``ctx.progress_dir`` set, the isolation and the fine-tuning save their progress
     after every epoch (:mod:`poisonlab.training.checkpoint`) and a stopped run continues from there
