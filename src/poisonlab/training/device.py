@@ -48,5 +48,5 @@ def use_bf16(setting: bool | Literal["auto"] | str | None, device: torch.device 
 
 def autocast(enabled: bool, device: torch.device | str) -> torch.autocast:
     """A bfloat16 autocast context for ``device``'s type, active when ``enabled`` (the answer of
-    :func:`use_bf16`) and a no-op otherwise. Every loop of the project enters bf16 through here."""
+    :func:`use_bf16`) and a no-op otherwise. Every loop of the package enters bf16 through here."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(enabled))
