@@ -39,10 +39,9 @@ from poisonlab.defenses import DefenseContext, get_defense
 from poisonlab.errors import PoisonlabError
 from poisonlab.metrics import evaluate
 from poisonlab.models import build_model_for
-from poisonlab.utils import load_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_probe import victim_attack  # noqa: E402  (a sibling script: rebuilds a victim's poisoning)
+from finetune_probe import rebuild_victim, victim_attack  # noqa: E402  (a sibling script)
 
 # defence, parameters of a short run, the unit its budget counts, units in that budget
 SPEED_RUNS = [
@@ -74,12 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         test = load_dataset("cifar10", "test", data_dir=args.data_dir).stratified_subset(args.n_test, seed=0)
     except PoisonlabError as e:
         raise SystemExit(f"error: {e}")
-    poisoned, poisoning = attack.poison(train, seed=args.seed)
-    clean_idx = np.setdiff1d(np.arange(len(train)), poisoning.indices)
-    trusted = train.subset(clean_idx).stratified_subset(len(train) // 20, seed=args.seed)
-    victim = build_model_for("airnet", train)
-    victim.load_state_dict(load_state_dict(args.model))
-    victim.eval()
+    victim, poisoned, poisoning, trusted = rebuild_victim(attack, args.model, train, args.seed, 0.05)
     records = speed(victim, poisoned, trusted, test, args) if args.part == "speed" else \
         abl_lr(poisoned, poisoning, test, args)
     if args.out:
@@ -90,8 +84,8 @@ def speed(victim, poisoned, trusted, test, args) -> list[dict]:
     records = []
     for name, params, unit, units in SPEED_RUNS:
         row = {"defense": name, "params": params, "unit": unit}
+        train = poisoned.subset(np.arange(args.abl_images)) if name == "abl" else poisoned
         for label, units_on in (("bf16", True), ("float32", False)):
-            train = poisoned.subset(np.arange(args.abl_images)) if name == "abl" else poisoned
             ctx = DefenseContext(train=train, model=copy.deepcopy(victim), test=test, train_model=None,
                                  clean_set=trusted, seed=args.seed)
             # float32: the precision rule told the CPU has no bf16 units (fit and every defence loop follow it)

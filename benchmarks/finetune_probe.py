@@ -45,15 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
+    attack = victim_attack(Path(args.model).parent / "meta.json")
     train = load_dataset("cifar10", "train", data_dir=args.data_dir)
     test = load_dataset("cifar10", "test", data_dir=args.data_dir).subset(np.arange(args.n_test))
-    attack = victim_attack(Path(args.model).parent / "meta.json")
-    _, poisoning = attack.poison(train, seed=args.seed)
-    clean_idx = np.setdiff1d(np.arange(len(train)), poisoning.indices)
-    trusted = train.subset(clean_idx).stratified_subset(int(args.clean_fraction * len(train)), seed=args.seed)
-
-    victim = build_model_for("airnet", train)
-    victim.load_state_dict(load_state_dict(args.model))
+    victim, _, poisoning, trusted = rebuild_victim(attack, args.model, train, args.seed, args.clean_fraction)
     m = evaluate(victim, test, poisoning)
     print(f"victim of {attack.registry_name}{attack.params()}")
     print(f"victim: clean {m['clean_acc']:.4f}  ASR {m['asr']:.4f}  (first {len(test)} test images, no TTA)")
@@ -69,6 +64,18 @@ def main() -> None:
         m = evaluate(tuned, test, poisoning)
         print(f"{aug:5s} lr {float(lr):<5g} {int(epochs):3d} epochs: loss {hist[-1]['loss']:.3f}  "
               f"clean {m['clean_acc']:.4f}  ASR {m['asr']:.4f}  ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def rebuild_victim(attack, model_file: str | Path, train, seed: int, clean_fraction: float):
+    """``(victim, poisoned, poisoning, trusted)`` of a cached airnet victim: its weights from ``model_file``,
+    ``attack`` (:func:`victim_attack`) applied to ``train`` with the run's ``seed``, and the trusted set drawn
+    as the runner draws it (``clean_fraction`` of ``train``, none of it poisoned, stratified with ``seed``)."""
+    poisoned, poisoning = attack.poison(train, seed=seed)
+    clean_idx = np.setdiff1d(np.arange(len(train)), poisoning.indices)
+    trusted = train.subset(clean_idx).stratified_subset(int(clean_fraction * len(train)), seed=seed)
+    victim = build_model_for("airnet", train)
+    victim.load_state_dict(load_state_dict(model_file))
+    return victim.eval(), poisoned, poisoning, trusted
 
 
 def victim_attack(meta_file: Path):
